@@ -1,0 +1,49 @@
+"""Descriptions of the served models (`GET /v1/models`)."""
+
+from pydantic import BaseModel, Field
+
+
+class WeightsInfo(BaseModel):
+    """Where a model's weights came from."""
+
+    source: str = Field(
+        description="Configured weights source: `hub`, `file:PATH`, `package:efficientnet-lite0` or `random`.",
+        examples=["package:efficientnet-lite0"],
+    )
+    random: bool = Field(
+        description="True when the model runs on randomly initialised weights (its predictions are meaningless)."
+    )
+    note: str | None = Field(default=None, description="Why the weights are random, when they are.")
+
+
+class BatchingInfo(BaseModel):
+    """The model's request-batching settings."""
+
+    max_batch_size: int = Field(description="Largest batch the queue consumer forms; 1 turns batching off.")
+    max_wait_ms: float = Field(description="How long the consumer waits for more requests after the first.")
+    queue_size: int = Field(description="Requests that may wait in the queue before new ones get 503.")
+    timeout_s: float = Field(description="How long a request may wait for its result before it gets 504.")
+
+
+class ModelInfo(BaseModel):
+    """One served model."""
+
+    id: str = Field(examples=["efficientnet_lite0"])
+    architecture: str = Field(description="timm model name.", examples=["tf_efficientnet_lite0"])
+    family: str = Field(description="`vit` for vision transformers, `cnn` otherwise.", examples=["cnn"])
+    weights: WeightsInfo
+    input_size: list[int] = Field(description="Model input as [channels, height, width].", examples=[[3, 224, 224]])
+    num_classes: int = Field(examples=[1000])
+    device: str = Field(examples=["cpu"])
+    dtype: str = Field(examples=["float32"])
+    ready: bool = Field(description="Loaded and warmed up.")
+    batching: BatchingInfo
+    preprocessing: dict[str, object] = Field(
+        description="timm data config: input_size, interpolation, mean, std, crop_pct, crop_mode."
+    )
+
+
+class ModelListResponse(BaseModel):
+    """Every served model."""
+
+    models: list[ModelInfo]

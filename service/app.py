@@ -1,0 +1,126 @@
+"""The FastAPI application: lifespan (load, queue, warm, drain), routes and error handling."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import __version__
+from service.body_limit import BodySizeLimitMiddleware
+from service.config import ServerSettings
+from service.errors import ApiError, error_body
+from service.metrics import Metrics
+from service.openapi import install_openapi
+from service.routes import health as health_routes
+from service.routes import metrics as metrics_routes
+from service.routes import models as models_routes
+from service.routes import predict as predict_routes
+from service.served_model import ServedModel, load_served_model
+from service.state import ServiceState
+
+log = logging.getLogger(__name__)
+
+ModelLoader = Callable[[ServerSettings], dict[str, ServedModel]]
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "body_too_large"}
+_MODEL_PATH = re.compile(r"^/v1/models/([^/]+)/([a-z_]+)$")
+
+
+def load_models(settings: ServerSettings) -> dict[str, ServedModel]:
+    """Load every configured model; any model whose weights cannot be obtained fails start-up."""
+    if not settings.models:
+        raise ValueError("no models configured")
+    return {cfg.id: load_served_model(cfg, settings) for cfg in settings.models}
+
+
+class RequestMetricsMiddleware:
+    """Counts model requests by model, endpoint and status code."""
+
+    def __init__(self, app: ASGIApp, metrics: Callable[[], Metrics | None]) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = _MODEL_PATH.match(scope.get("path", "")) if scope["type"] == "http" else None
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            registry = self.metrics()
+            if registry is not None:
+                registry.requests.labels(match.group(1), match.group(2), str(status)).inc()
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return JSONResponse(error_body("invalid_request", "; ".join(parts)), status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(error_body("internal_error", f"{type(exc).__name__}: {exc}"), status_code=500)
+
+
+def create_app(
+    settings: ServerSettings,
+    models: dict[str, ServedModel] | None = None,
+    model_loader: ModelLoader = load_models,
+) -> FastAPI:
+    """Build the app. `models` injects already-loaded models (tests); otherwise `model_loader` runs at start-up."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = models if models is not None else await asyncio.to_thread(model_loader, settings)
+        state = ServiceState(settings=settings, models=loaded)
+        app.state.service = state
+        state.start_queues()
+        state.warmup_task = asyncio.create_task(state.warm_up(), name="warm-up")
+        try:
+            yield
+        finally:
+            await state.shutdown()
+
+    app = FastAPI(
+        title="saliency-server",
+        version=__version__,
+        description="Batched predictions and saliency maps for timm image classifiers.",
+        lifespan=lifespan,
+    )
+    for routes in (health_routes, models_routes, predict_routes, metrics_routes):
+        app.include_router(routes.router)
+    _install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=lambda: getattr(getattr(app.state, "service", None), "metrics", None))
+    install_openapi(app)
+    return app

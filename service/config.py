@@ -1,0 +1,128 @@
+"""Server and model configuration: a TOML/YAML file, overridden by `SALIENCY_*` environment variables."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_FILE = Path(__file__).with_name("default_config.toml")
+
+DType = Literal["float32", "float16", "bfloat16"]
+
+
+class ModelConfig(BaseModel):
+    """One model to serve."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name used in URLs.")
+    architecture: str = Field(description="timm model name, optionally with a pretrained tag (`name.tag`).")
+    weights: str = Field(
+        default="hub",
+        description="`hub`, `file:PATH` (safetensors or state dict), `package:efficientnet-lite0` or `random`.",
+    )
+    fallback: Literal["none", "random"] = Field(
+        default="none", description="What to do when the weights cannot be obtained: fail start-up or use random."
+    )
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for timm.create_model (img_size, num_classes...)."
+    )
+    labels_file: Path | None = Field(default=None, description="Class names, one per line (for custom heads).")
+    device: str | None = Field(default=None, description="Overrides the server-wide device.")
+    dtype: DType | None = Field(default=None, description="Overrides the server-wide dtype.")
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    max_wait_ms: float = Field(default=5.0, ge=0.0, le=10_000.0)
+    queue_size: int = Field(default=256, ge=1)
+    timeout_s: float = Field(default=30.0, gt=0.0)
+    warmup_batch_sizes: list[int] | None = Field(
+        default=None, description="Batch sizes to warm up with; default: 1 and max_batch_size."
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _check_weights(cls, value: str) -> str:
+        if value in ("hub", "random") or value.startswith("file:") or value.startswith("package:"):
+            return value
+        raise ValueError("weights must be 'hub', 'random', 'file:PATH' or 'package:NAME'")
+
+
+class ServerSettings(BaseSettings):
+    """Everything the server reads at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SALIENCY_", env_nested_delimiter="__", extra="forbid", protected_namespaces=()
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    device: str = Field(default="auto", description="`auto` (cuda when available, else cpu), `cpu`, `cuda`, `cuda:N`.")
+    dtype: DType = "float32"
+    max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="Largest request body accepted.")
+    max_image_pixels: int = Field(default=40_000_000, ge=1, description="Largest decoded image (width x height).")
+    decode_threads: int = Field(default=4, ge=1, description="Threads that decode and preprocess images.")
+    log_level: str = "info"
+    models: list[ModelConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> ServerSettings:
+        ids = [m.id for m in self.models]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate model ids: {duplicates}")
+        return self
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML or YAML configuration file into a dict."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".toml":
+        return tomllib.loads(text)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the top level must be a mapping")
+        return data
+    raise ValueError(f"{path}: configuration files must end in .toml, .yaml or .yml")
+
+
+class _DictSource(PydanticBaseSettingsSource):
+    """A settings source holding the values read from a configuration file."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> ServerSettings:
+    """Build the settings: keyword overrides > `SALIENCY_*` environment > config file > defaults.
+
+    Without a file, the packaged default configuration (three ImageNet models) is used.
+    """
+    data = read_config_file(config_file or DEFAULT_CONFIG_FILE)
+
+    class _Settings(ServerSettings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, _DictSource(settings_cls, data))
+
+    return _Settings(**overrides)

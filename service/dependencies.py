@@ -1,0 +1,30 @@
+"""FastAPI dependencies: the service state and the model a path names."""
+
+from __future__ import annotations
+
+from fastapi import Path, Request
+
+from service.errors import ApiError
+from service.served_model import ServedModel
+from service.state import ServiceState
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+def get_model(request: Request, model_id: str = Path(description="Id of a served model (see GET /v1/models).")) -> ServedModel:
+    """The served model named in the path, or 404."""
+    state = get_state(request)
+    served = state.models.get(model_id)
+    if served is None:
+        raise ApiError(404, "model_not_found", f"no model {model_id!r}; served models: {sorted(state.models)}")
+    return served
+
+
+def get_ready_model(request: Request, model_id: str = Path(description="Id of a served model (see GET /v1/models).")) -> ServedModel:
+    """The served model, or 503 while it is still warming up."""
+    served = get_model(request, model_id)
+    if not served.ready:
+        raise ApiError(503, "model_warming_up", f"model {model_id!r} is still warming up", {"Retry-After": "1"})
+    return served

@@ -1,0 +1,58 @@
+"""OpenAPI helpers: request bodies that accept JSON or multipart, with their schemas in `components`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+
+REF_TEMPLATE = "#/components/schemas/{model}"
+_EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {}
+
+
+def _register(model: type[BaseModel]) -> dict[str, str]:
+    schema = model.model_json_schema(ref_template=REF_TEMPLATE)
+    for name, definition in schema.pop("$defs", {}).items():
+        _EXTRA_SCHEMAS[name] = definition
+    _EXTRA_SCHEMAS[model.__name__] = schema
+    return {"$ref": REF_TEMPLATE.format(model=model.__name__)}
+
+
+def image_request_body(json_model: type[BaseModel], options_model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for a route taking an image as JSON (base64) or multipart (`file` + option fields)."""
+    json_ref = _register(json_model)
+    options = options_model.model_json_schema(ref_template=REF_TEMPLATE)
+    for name, definition in options.pop("$defs", {}).items():
+        _EXTRA_SCHEMAS[name] = definition
+    form_properties = {"file": {"type": "string", "format": "binary", "description": "The image file."}}
+    for name, prop in options.get("properties", {}).items():
+        form_properties[name] = {**prop, "description": prop.get("description", "") + " Lists and objects as JSON text."}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": json_ref},
+                "multipart/form-data": {
+                    "schema": {"type": "object", "properties": form_properties, "required": ["file"]},
+                    "encoding": {"file": {"contentType": "image/*"}},
+                },
+            },
+        }
+    }
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Generate the document once, adding the schemas that request bodies refer to."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            document.setdefault("components", {}).setdefault("schemas", {}).update(_EXTRA_SCHEMAS)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

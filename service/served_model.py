@@ -1,0 +1,110 @@
+"""A loaded, warmed model with everything needed to serve it: preprocessing, labels, weights provenance."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+from torch import nn
+
+from service.config import ModelConfig, ServerSettings
+from service.devices import resolve_device, resolve_dtype
+from service.labels import load_labels
+from service.weights import WeightsOutcome, create_model_with_weights
+
+log = logging.getLogger(__name__)
+
+
+def model_family(module: nn.Module) -> str:
+    """`vit` when the model is built from timm attention blocks, else `cnn`."""
+    for sub in module.modules():
+        if hasattr(sub, "qkv") and hasattr(sub, "num_heads"):
+            return "vit"
+    return "cnn"
+
+
+@dataclass
+class ServedModel:
+    """One model as the server holds it."""
+
+    id: str
+    architecture: str
+    module: nn.Module
+    weights: WeightsOutcome
+    labels: list[str]
+    data_config: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+    config: ModelConfig
+    transform: Callable[[Image.Image], torch.Tensor] = field(init=False)
+    family: str = field(init=False)
+    ready: bool = False
+
+    def __post_init__(self) -> None:
+        self.module.eval().requires_grad_(False)
+        self.module.to(device=self.device, dtype=self.dtype)
+        self.transform = create_transform(**self.data_config, is_training=False)
+        self.family = model_family(self.module)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return tuple(self.data_config["input_size"])  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """timm's eval transform for this model: resize, crop, to tensor, normalise. Returns (C, H, W) float32."""
+        return self.transform(image)
+
+    @torch.inference_mode()
+    def predict_probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities (float32, on the CPU) for a batch of preprocessed images."""
+        batch = pixels.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        logits = self.module(batch)
+        return logits.float().softmax(dim=-1).cpu()
+
+    def warm_up(self) -> None:
+        """Forward passes at the batch sizes the queue will form, so no client pays for first-call set-up."""
+        sizes = self.config.warmup_batch_sizes or sorted({1, self.config.max_batch_size})
+        start = time.perf_counter()
+        for size in sizes:
+            self.predict_probabilities(torch.zeros((size, *self.input_size)))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.ready = True
+        log.info("model %r warm (batch sizes %s) in %.2fs", self.id, sizes, time.perf_counter() - start)
+
+
+def load_served_model(config: ModelConfig, settings: ServerSettings) -> ServedModel:
+    """Create the timm model, load its weights from the configured source and wrap it for serving."""
+    device = resolve_device(config.device or settings.device)
+    dtype = resolve_dtype(config.dtype or settings.dtype, device)
+    module, weights = create_model_with_weights(config)
+    data_config = resolve_data_config({}, model=module)
+    labels = load_labels(module.num_classes, config.labels_file)
+    served = ServedModel(
+        id=config.id,
+        architecture=config.architecture,
+        module=module,
+        weights=weights,
+        labels=labels,
+        data_config=data_config,
+        device=device,
+        dtype=dtype,
+        config=config,
+    )
+    if weights.random:
+        log.warning("model %r (%s) is running on RANDOM weights: its predictions are meaningless", config.id,
+                    config.architecture)
+    else:
+        log.info("model %r (%s) loaded with weights from %s on %s/%s", config.id, config.architecture,
+                 config.weights, device, str(dtype).removeprefix("torch."))
+    return served
+

@@ -1,0 +1,85 @@
+"""Everything the running server holds: settings, models, their queues, workers and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from service.batching import BatchQueue
+from service.config import ServerSettings
+from service.devices import DeviceWorkers
+from service.image_decoding import decode_image
+from service.inference import make_batch_processor
+from service.metrics import Metrics
+from service.served_model import ServedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceState:
+    """Shared by every request through FastAPI's dependency injection."""
+
+    settings: ServerSettings
+    models: dict[str, ServedModel]
+    metrics: Metrics = field(default_factory=Metrics)
+    workers: DeviceWorkers = field(default_factory=DeviceWorkers)
+    queues: dict[str, BatchQueue] = field(default_factory=dict)
+    decode_pool: ThreadPoolExecutor = field(init=False)
+    warmup_task: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self.decode_pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
+
+    @property
+    def ready(self) -> bool:
+        return all(m.ready for m in self.models.values())
+
+    def start_queues(self) -> None:
+        """Create and start one batch queue per model."""
+        for served in self.models.values():
+            cfg = served.config
+            queue: BatchQueue = BatchQueue(
+                served.id,
+                make_batch_processor(served),
+                self.workers.for_device(served.device),
+                max_batch_size=cfg.max_batch_size,
+                max_wait_ms=cfg.max_wait_ms,
+                queue_size=cfg.queue_size,
+                timeout_s=cfg.timeout_s,
+                on_batch=self.metrics.observe_batch,
+            )
+            queue.start()
+            self.queues[served.id] = queue
+            self.metrics.track_queue_depth(served.id, lambda q=queue: q.depth)
+            self.metrics.random_weights.labels(served.id).set(1 if served.weights.random else 0)
+            self.metrics.model_ready.labels(served.id).set(0)
+
+    async def warm_up(self) -> None:
+        """Warm every model on its device worker (serialised with any batch already running there)."""
+        loop = asyncio.get_running_loop()
+        for served in self.models.values():
+            await loop.run_in_executor(self.workers.for_device(served.device), served.warm_up)
+            self.metrics.model_ready.labels(served.id).set(1)
+        log.info("all %d models warm: ready", len(self.models))
+
+    async def decode_and_preprocess(self, served: ServedModel, data: bytes) -> tuple[Image.Image, object]:
+        """Decode the upload and apply the model's transform, off the event loop."""
+
+        def work() -> tuple[Image.Image, object]:
+            image = decode_image(data, self.settings.max_image_pixels)
+            return image, served.preprocess(image)
+
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, work)
+
+    async def shutdown(self) -> None:
+        """Drain every queue (accepted requests get answers), then stop the workers."""
+        if self.warmup_task is not None and not self.warmup_task.done():
+            self.warmup_task.cancel()
+        await asyncio.gather(*(queue.close() for queue in self.queues.values()))
+        self.workers.shutdown()
+        self.decode_pool.shutdown(wait=True)
