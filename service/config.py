@@ -33,6 +33,10 @@ class ModelConfig(BaseModel):
     model_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments for timm.create_model (img_size, num_classes...)."
     )
+    data_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of timm's data config (input_size, crop_pct, crop_mode, interpolation, mean, std).",
+    )
     labels_file: Path | None = Field(default=None, description="Class names, one per line (for custom heads).")
     device: str | None = Field(default=None, description="Overrides the server-wide device.")
     dtype: DType | None = Field(default=None, description="Overrides the server-wide dtype.")

@@ -82,12 +82,22 @@ class ServedModel:
         log.info("model %r warm (batch sizes %s) in %.2fs", self.id, sizes, time.perf_counter() - start)
 
 
+def model_data_config(module: nn.Module, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """timm's data config for the model, with the input size the model was actually built for."""
+    args = dict(overrides or {})
+    img_size = getattr(getattr(module, "patch_embed", None), "img_size", None)
+    if "input_size" not in args and img_size is not None:
+        in_chans = resolve_data_config({}, model=module)["input_size"][0]
+        args["input_size"] = (in_chans, *img_size)
+    return resolve_data_config(args, model=module)
+
+
 def load_served_model(config: ModelConfig, settings: ServerSettings) -> ServedModel:
     """Create the timm model, load its weights from the configured source and wrap it for serving."""
     device = resolve_device(config.device or settings.device)
     dtype = resolve_dtype(config.dtype or settings.dtype, device)
     module, weights = create_model_with_weights(config)
-    data_config = resolve_data_config({}, model=module)
+    data_config = model_data_config(module, config.data_config)
     labels = load_labels(module.num_classes, config.labels_file)
     served = ServedModel(
         id=config.id,

@@ -63,9 +63,14 @@ class ServiceState:
         """Warm every model on its device worker (serialised with any batch already running there)."""
         loop = asyncio.get_running_loop()
         for served in self.models.values():
-            await loop.run_in_executor(self.workers.for_device(served.device), served.warm_up)
+            try:
+                await loop.run_in_executor(self.workers.for_device(served.device), served.warm_up)
+            except Exception:
+                log.exception("model %r failed its warm-up: it stays not ready", served.id)
+                continue
             self.metrics.model_ready.labels(served.id).set(1)
-        log.info("all %d models warm: ready", len(self.models))
+        if self.ready:
+            log.info("all %d models warm: ready", len(self.models))
 
     async def decode_and_preprocess(self, served: ServedModel, data: bytes) -> tuple[Image.Image, object]:
         """Decode the upload and apply the model's transform, off the event loop."""

@@ -56,11 +56,21 @@ def _package_state_dict(name: str) -> dict[str, torch.Tensor]:
     raise ValueError(f"unknown weights package {name!r}; known: {sorted(PACKAGE_SOURCES)}")
 
 
+def create_random_model(architecture: str, **kwargs: object) -> nn.Module:
+    """A randomly initialised model; an unknown pretrained tag falls back to the bare architecture."""
+    try:
+        return timm.create_model(architecture, pretrained=False, **kwargs)
+    except RuntimeError:
+        if "." not in architecture:
+            raise
+        return timm.create_model(architecture.split(".", 1)[0], pretrained=False, **kwargs)
+
+
 def _build(config: ModelConfig) -> tuple[nn.Module, WeightsOutcome]:
     source = config.weights
     kwargs = dict(config.model_kwargs)
     if source == "random":
-        return timm.create_model(config.architecture, pretrained=False, **kwargs), WeightsOutcome(source, True)
+        return create_random_model(config.architecture, **kwargs), WeightsOutcome(source, True)
     if source == "hub":
         return create_pretrained_model(config.architecture, **kwargs), WeightsOutcome(source, False)
     model = timm.create_model(config.architecture, pretrained=False, **kwargs)
@@ -85,5 +95,4 @@ def create_model_with_weights(config: ModelConfig) -> tuple[nn.Module, WeightsOu
             ) from exc
         note = f"weights source {config.weights!r} failed ({reason[:300]}); running on RANDOM weights"
         log.warning("model %r: %s", config.id, note)
-        model = timm.create_model(config.architecture, pretrained=False, **config.model_kwargs)
-        return model, WeightsOutcome(config.weights, True, note)
+        return create_random_model(config.architecture, **config.model_kwargs), WeightsOutcome(config.weights, True, note)
