@@ -4,11 +4,45 @@ This package imports neither torch nor the server, so other services can depend 
 """
 
 from api_schemas.errors import ErrorDetail, ErrorResponse
+from api_schemas.explain import (
+    CropBox,
+    ExplainJsonRequest,
+    ExplainOptions,
+    ExplainResponse,
+    LayerMap,
+    MapStatistics,
+    MethodInfo,
+    MethodListResponse,
+    MethodResult,
+    MethodSpec,
+    OutputOptions,
+    Peak,
+    RawArray,
+    RenderedMap,
+    TargetExplanation,
+    TopKTarget,
+)
 from api_schemas.health import HealthResponse, ReadinessResponse
 from api_schemas.models import BatchingInfo, ModelInfo, ModelListResponse, WeightsInfo
 from api_schemas.predict import ClassScore, PredictJsonRequest, PredictOptions, PredictResponse, Timings
 
 __all__ = [
+    "CropBox",
+    "ExplainJsonRequest",
+    "ExplainOptions",
+    "ExplainResponse",
+    "LayerMap",
+    "MapStatistics",
+    "MethodInfo",
+    "MethodListResponse",
+    "MethodResult",
+    "MethodSpec",
+    "OutputOptions",
+    "Peak",
+    "RawArray",
+    "RenderedMap",
+    "TargetExplanation",
+    "TopKTarget",
     "BatchingInfo",
     "ClassScore",
     "ErrorDetail",

@@ -18,9 +18,10 @@ from service import __version__
 from service.body_limit import BodySizeLimitMiddleware
 from service.config import ServerSettings
 from service.errors import ApiError, error_body
-from service.metrics import Metrics
 from service.openapi import install_openapi
+from service.routes import explain as explain_routes
 from service.routes import health as health_routes
+from service.routes import methods as methods_routes
 from service.routes import metrics as metrics_routes
 from service.routes import models as models_routes
 from service.routes import predict as predict_routes
@@ -43,11 +44,11 @@ def load_models(settings: ServerSettings) -> dict[str, ServedModel]:
 
 
 class RequestMetricsMiddleware:
-    """Counts model requests by model, endpoint and status code."""
+    """Counts model requests by model (`unknown` for ids that are not served), endpoint and status code."""
 
-    def __init__(self, app: ASGIApp, metrics: Callable[[], Metrics | None]) -> None:
+    def __init__(self, app: ASGIApp, service: Callable[[], ServiceState | None]) -> None:
         self.app = app
-        self.metrics = metrics
+        self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = _MODEL_PATH.match(scope.get("path", "")) if scope["type"] == "http" else None
@@ -65,9 +66,10 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            registry = self.metrics()
-            if registry is not None:
-                registry.requests.labels(match.group(1), match.group(2), str(status)).inc()
+            service = self.service()
+            if service is not None:
+                model = match.group(1) if match.group(1) in service.models else "unknown"
+                service.metrics.requests.labels(model, match.group(2), str(status)).inc()
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -117,10 +119,10 @@ def create_app(
         description="Batched predictions and saliency maps for timm image classifiers.",
         lifespan=lifespan,
     )
-    for routes in (health_routes, models_routes, predict_routes, metrics_routes):
+    for routes in (health_routes, models_routes, predict_routes, explain_routes, methods_routes, metrics_routes):
         app.include_router(routes.router)
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestMetricsMiddleware, metrics=lambda: getattr(getattr(app.state, "service", None), "metrics", None))
+    app.add_middleware(RequestMetricsMiddleware, service=lambda: getattr(app.state, "service", None))
     install_openapi(app)
     return app

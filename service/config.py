@@ -69,8 +69,9 @@ class ServerSettings(BaseSettings):
     dtype: DType = "float32"
     max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="Largest request body accepted.")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="Largest decoded image (width x height).")
+    max_map_side: int = Field(default=1024, ge=8, le=8192, description="Longest side of original-space maps.")
     decode_threads: int = Field(default=4, ge=1, description="Threads that decode and preprocess images.")
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     models: list[ModelConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -129,4 +130,5 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         ) -> tuple[PydanticBaseSettingsSource, ...]:
             return (init_settings, env_settings, _DictSource(settings_cls, data))
 
-    return _Settings(**overrides)
+    # A plain ServerSettings (the per-call subclass would make equal settings compare unequal).
+    return ServerSettings.model_validate(_Settings(**overrides).model_dump())

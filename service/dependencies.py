@@ -23,8 +23,10 @@ def get_model(request: Request, model_id: str = Path(description="Id of a served
 
 
 def get_ready_model(request: Request, model_id: str = Path(description="Id of a served model (see GET /v1/models).")) -> ServedModel:
-    """The served model, or 503 while it is still warming up."""
+    """The served model, or 503 while it is warming up (with Retry-After) or when its warm-up failed."""
     served = get_model(request, model_id)
+    if served.failure is not None:
+        raise ApiError(503, "model_unavailable", f"model {model_id!r} cannot serve: {served.failure}")
     if not served.ready:
         raise ApiError(503, "model_warming_up", f"model {model_id!r} is still warming up", {"Retry-After": "1"})
     return served

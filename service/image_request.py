@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -45,9 +46,9 @@ def decode_base64_image(text: str) -> bytes:
 
 
 def _form_value(value: str) -> Any:
-    """Form fields carrying lists or objects are sent as JSON text."""
+    """Form fields carrying lists, objects or integers are sent as JSON text."""
     stripped = value.strip()
-    if stripped[:1] in ("[", "{"):
+    if stripped[:1] in ("[", "{") or re.fullmatch(r"-?\d+", stripped):
         try:
             return json.loads(stripped)
         except json.JSONDecodeError:

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from service.explain.pipeline import ExplainJob, ExplainOutcome, run_explain_batch
 from service.served_model import ServedModel
 
 
@@ -17,12 +18,27 @@ class PredictJob:
     pixels: torch.Tensor  # (C, H, W) float32, normalised
 
 
-def make_batch_processor(served: ServedModel):
-    """A function running one batch of jobs for `served` on its device (called on the device worker thread)."""
+Job = PredictJob | ExplainJob
 
-    def process(jobs: Sequence[PredictJob]) -> list[torch.Tensor]:
-        pixels = torch.stack([job.pixels for job in jobs])
-        probabilities = served.predict_probabilities(pixels)
-        return list(probabilities.unbind(0))
+
+def make_batch_processor(served: ServedModel):
+    """A function running one batch of jobs for `served` on its device (called on the device worker thread).
+
+    Predictions share one inference-mode forward pass; explanations share one recording forward pass.
+    """
+
+    def process(jobs: Sequence[Job]) -> list[torch.Tensor | ExplainOutcome]:
+        results: list[torch.Tensor | ExplainOutcome | None] = [None] * len(jobs)
+        predict = [i for i, job in enumerate(jobs) if isinstance(job, PredictJob)]
+        explain = [i for i, job in enumerate(jobs) if isinstance(job, ExplainJob)]
+        if predict:
+            probabilities = served.predict_probabilities(torch.stack([jobs[i].pixels for i in predict]))
+            for i, row in zip(predict, probabilities.unbind(0)):
+                results[i] = row
+        if explain:
+            outcomes = run_explain_batch(served, served.anatomy, [jobs[i] for i in explain])  # type: ignore[misc]
+            for i, outcome in zip(explain, outcomes):
+                results[i] = outcome
+        return results  # type: ignore[return-value]
 
     return process

@@ -10,7 +10,7 @@ from timm.data import ImageNetInfo
 def load_labels(num_classes: int, labels_file: Path | None = None) -> list[str]:
     """Labels from a file (one per line), timm's ImageNet names for 1000 classes, else `class_<i>`."""
     if labels_file is not None:
-        labels = [line.strip() for line in Path(labels_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        labels = [line.strip() for line in Path(labels_file).expanduser().read_text(encoding="utf-8").splitlines() if line.strip()]
         if len(labels) != num_classes:
             raise ValueError(f"{labels_file}: {len(labels)} labels for a model with {num_classes} classes")
         return labels

@@ -20,6 +20,15 @@ def _register(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": REF_TEMPLATE.format(model=model.__name__)}
 
 
+def _takes_json_text(prop: dict[str, Any]) -> bool:
+    """Whether a form field may hold a list or an object (sent as JSON text in a multipart form)."""
+    if "$ref" in prop:
+        prop = _EXTRA_SCHEMAS.get(prop["$ref"].rsplit("/", 1)[-1], {})
+    if prop.get("type") in ("array", "object"):
+        return True
+    return any(_takes_json_text(option) for option in prop.get("anyOf", []) + prop.get("oneOf", []))
+
+
 def image_request_body(json_model: type[BaseModel], options_model: type[BaseModel]) -> dict[str, Any]:
     """`openapi_extra` for a route taking an image as JSON (base64) or multipart (`file` + option fields)."""
     json_ref = _register(json_model)
@@ -28,7 +37,9 @@ def image_request_body(json_model: type[BaseModel], options_model: type[BaseMode
         _EXTRA_SCHEMAS[name] = definition
     form_properties = {"file": {"type": "string", "format": "binary", "description": "The image file."}}
     for name, prop in options.get("properties", {}).items():
-        form_properties[name] = {**prop, "description": prop.get("description", "") + " Lists and objects as JSON text."}
+        if _takes_json_text(prop):
+            prop = {**prop, "description": (prop.get("description", "") + " Send it as JSON text.").strip()}
+        form_properties[name] = prop
     return {
         "requestBody": {
             "required": True,

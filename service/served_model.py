@@ -13,6 +13,7 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 
 from service.config import ModelConfig, ServerSettings
+from service.explain.captures import ModelAnatomy, analyse_model
 from service.devices import resolve_device, resolve_dtype
 from service.labels import load_labels
 from service.weights import WeightsOutcome, create_model_with_weights
@@ -43,13 +44,16 @@ class ServedModel:
     config: ModelConfig
     transform: Callable[[Image.Image], torch.Tensor] = field(init=False)
     family: str = field(init=False)
+    anatomy: ModelAnatomy = field(init=False)
     ready: bool = False
+    failure: str | None = None  # why the model can never become ready (its warm-up failed)
 
     def __post_init__(self) -> None:
         self.module.eval().requires_grad_(False)
         self.module.to(device=self.device, dtype=self.dtype)
         self.transform = create_transform(**self.data_config, is_training=False)
         self.family = model_family(self.module)
+        self.anatomy = analyse_model(self.module, self.family, self.input_size)
 
     @property
     def input_size(self) -> tuple[int, int, int]:

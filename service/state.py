@@ -65,8 +65,9 @@ class ServiceState:
         for served in self.models.values():
             try:
                 await loop.run_in_executor(self.workers.for_device(served.device), served.warm_up)
-            except Exception:
+            except Exception as exc:  # noqa: BLE001
                 log.exception("model %r failed its warm-up: it stays not ready", served.id)
+                served.failure = f"warm-up failed: {type(exc).__name__}: {exc}"
                 continue
             self.metrics.model_ready.labels(served.id).set(1)
         if self.ready:

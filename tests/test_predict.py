@@ -181,3 +181,25 @@ async def test_models_endpoint_describes_each_model() -> None:
     assert model["batching"] == {"max_batch_size": 4, "max_wait_ms": 20.0, "queue_size": 9, "timeout_s": 7.0}
     assert model["preprocessing"]["input_size"] == [3, 32, 32]
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+async def test_a_model_whose_warm_up_fails_answers_503_model_unavailable() -> None:
+    models, _ = gated_models()
+    served = models["tiny_vit"]
+
+    def broken_warm_up() -> None:
+        raise RuntimeError("out of memory")
+
+    served.warm_up = broken_warm_up  # type: ignore[method-assign]
+    async with running_app(settings_for(served.config), models, wait_ready=False) as (client, app):
+        await app.state.service.warmup_task
+        ready = await client.get("/readyz")
+        response = await post_image(client, png_bytes(random_image(3)))
+        unknown = await post_image(client, png_bytes(random_image(3)), model="not-served")
+        metrics = (await client.get("/metrics")).text
+    assert ready.status_code == 503
+    assert response.status_code == 503 and "retry-after" not in response.headers
+    assert response.json()["error"]["code"] == "model_unavailable"
+    assert "out of memory" in response.json()["error"]["message"]
+    assert unknown.status_code == 404
+    assert 'model="unknown"' in metrics and "not-served" not in metrics

@@ -1,0 +1,187 @@
+"""Explanation request and response (`POST /v1/models/{model_id}/explain`) and the method catalogue."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api_schemas.models import WeightsInfo
+from api_schemas.predict import MAX_TOP_K, ONE_PIXEL_PNG_BASE64, ClassScore, Timings
+
+OutputFormat = Literal["heatmap_png", "overlay_png", "gray_png", "raw"]
+OutputSpace = Literal["original", "input", "tokens"]
+MAX_TARGETS = 10
+
+
+class MethodSpec(BaseModel):
+    """A method with parameters; unspecified parameters take their defaults (see GET /v1/methods)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(examples=["rollout"])
+    params: dict[str, Any] = Field(default_factory=dict, examples=[{"head_fusion": "max", "discard_ratio": 0.9}])
+
+
+class TopKTarget(BaseModel):
+    """Explain each of the k most probable classes (one map per class)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(ge=1, le=MAX_TARGETS)
+
+
+Target = Union[Literal["top1"], int, str, TopKTarget]
+
+
+class OutputOptions(BaseModel):
+    """How maps are returned."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: list[OutputFormat] = Field(
+        default_factory=lambda: ["heatmap_png"],
+        min_length=1,
+        description="Any of: `heatmap_png` (colormapped RGBA PNG, transparent where the model saw nothing), "
+        "`overlay_png` (heatmap blended over the image; unseen pixels darkened), `gray_png` (16-bit grayscale PNG: "
+        "0 = unseen, 1..65535 = normalised saliency 0..1), `raw` (float32 array of the unnormalised map, NaN where "
+        "unseen).",
+    )
+    space: OutputSpace = Field(
+        default="original",
+        description="`original`: on the original image at its resolution (bounded by `max_side`); `input`: on the "
+        "model's input crop; `tokens`: the patch grid / feature-map grid, no upsampling.",
+    )
+    colormap: str = Field(default="jet", description="A matplotlib colormap name.", examples=["jet", "viridis"])
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0, description="Heatmap opacity in `overlay_png`.")
+    max_side: int | None = Field(
+        default=None, ge=8, le=8192,
+        description="Longest side of `original`-space maps; default: the server's configured bound.",
+    )
+
+
+class ExplainOptions(BaseModel):
+    """Explanation options; in a multipart upload they are form fields beside `file` (lists and objects as JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    methods: list[Union[str, MethodSpec]] = Field(
+        min_length=1, max_length=16, description="Method names or {name, params} objects.",
+        examples=[["rollout", {"name": "gradcam", "params": {}}]],
+    )
+    target: Target = Field(
+        default="top1",
+        description='Class to explain: "top1" (default), a class index, a label, or {"top_k": k} (one map per class).',
+    )
+    output: OutputOptions = Field(default_factory=OutputOptions)
+    top_k: int = Field(default=5, ge=1, le=MAX_TOP_K, description="How many predictions to return.")
+
+
+class ExplainJsonRequest(ExplainOptions):
+    """JSON form of an explanation request (the alternative is a multipart upload with a `file` field)."""
+
+    image: str = Field(
+        min_length=1, description="The image file encoded as base64; a `data:` URL prefix is accepted.",
+        examples=[ONE_PIXEL_PNG_BASE64],
+    )
+
+
+class RawArray(BaseModel):
+    """A float32 array, little-endian, row-major, base64-encoded."""
+
+    dtype: Literal["float32"] = "float32"
+    shape: list[int] = Field(examples=[[14, 14]])
+    data: str = Field(description="base64 of the little-endian float32 bytes.")
+
+
+class Peak(BaseModel):
+    """Where the map is highest."""
+
+    grid: list[int] = Field(description="[row, col] in the token / feature-map grid.", examples=[[3, 7]])
+    original: list[float] = Field(description="[x, y] of that cell's centre in original-image pixels.")
+
+
+class MapStatistics(BaseModel):
+    """Summary of one map, computed on the grid before any upsampling."""
+
+    min: float
+    max: float
+    entropy: float = Field(description="Entropy of the map as a distribution (min-shifted), divided by log(cells).")
+    top10_mass: float = Field(description="Share of the (min-shifted) mass held by the top 10% of cells.")
+    peak: Peak
+
+
+class RenderedMap(BaseModel):
+    """One map in the requested formats and space."""
+
+    width: int
+    height: int
+    heatmap_png: str | None = Field(default=None, description="base64 PNG")
+    overlay_png: str | None = Field(default=None, description="base64 PNG")
+    gray_png: str | None = Field(default=None, description="base64 16-bit PNG")
+    raw: RawArray | None = None
+    statistics: MapStatistics
+
+
+class LayerMap(RenderedMap):
+    """A per-layer map of a layer-wise method."""
+
+    layer: int
+
+
+class TargetExplanation(BaseModel):
+    """The map of one method for one target class (target is null for class-agnostic methods)."""
+
+    target: ClassScore | None
+    map: RenderedMap
+    layers: list[LayerMap] | None = Field(default=None, description="Per-layer maps, for layer-wise methods.")
+
+
+class MethodResult(BaseModel):
+    """Everything one method produced."""
+
+    method: str
+    params: dict[str, Any] = Field(description="The parameters used, defaults filled in.")
+    class_specific: bool
+    compute_ms: float = Field(description="Time the method's own tensor work took for the batch this request ran in.")
+    results: list[TargetExplanation]
+
+
+class CropBox(BaseModel):
+    """The region of the original image the model's input covers, in original pixel coordinates."""
+
+    left: float
+    top: float
+    right: float
+    bottom: float
+
+
+class ExplainResponse(BaseModel):
+    """Predictions and saliency maps for one image."""
+
+    model_id: str
+    weights: WeightsInfo
+    predictions: list[ClassScore]
+    original_size: list[int] = Field(description="[width, height] of the decoded (EXIF-rotated) image.")
+    crop_box: CropBox
+    space: OutputSpace
+    explanations: list[MethodResult]
+    timings: Timings
+
+
+class MethodInfo(BaseModel):
+    """One explanation method."""
+
+    name: str
+    description: str
+    families: list[Literal["vit", "cnn"]]
+    class_specific: bool
+    params_schema: dict[str, Any] = Field(description="JSON schema of the params, with defaults and bounds.")
+    relative_cost: float = Field(description="Approximate cost per image as a multiple of one forward pass.")
+    cost_note: str | None = None
+
+
+class MethodListResponse(BaseModel):
+    """Every registered explanation method."""
+
+    methods: list[MethodInfo]

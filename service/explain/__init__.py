@@ -1,0 +1,1 @@
+"""Explanation methods and the shared machinery that turns their maps into API outputs."""

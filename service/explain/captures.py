@@ -1,0 +1,185 @@
+"""Recording what explanation methods need during one forward pass: attention probabilities, layer outputs.
+
+timm's fused attention (scaled_dot_product_attention) never materialises the attention matrix. While recording,
+each attention module is switched to its explicit path and a hook on its `attn_drop` (applied to the softmax
+probabilities, an identity in eval mode) captures the probabilities with their autograd graph. The switch is
+safe because every forward pass of a model runs on its device's single worker thread: no other request can run
+the model while the switch is on. The predict path therefore keeps the fused kernel.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class CaptureNeeds:
+    """What one method (or a whole batch) needs recorded during the forward pass."""
+
+    attention: bool = False
+    attention_grad: bool = False
+    layers: frozenset[str] = frozenset()
+    layer_grads: frozenset[str] = frozenset()
+
+    def __or__(self, other: CaptureNeeds) -> CaptureNeeds:
+        return CaptureNeeds(
+            attention=self.attention or other.attention or self.attention_grad or other.attention_grad,
+            attention_grad=self.attention_grad or other.attention_grad,
+            layers=self.layers | other.layers | self.layer_grads | other.layer_grads,
+            layer_grads=self.layer_grads | other.layer_grads,
+        )
+
+    @property
+    def any_grad(self) -> bool:
+        return self.attention_grad or bool(self.layer_grads)
+
+
+@dataclass(frozen=True)
+class ModelAnatomy:
+    """Where things are in a model, worked out once at load time."""
+
+    family: str  # vit | cnn
+    attention_modules: tuple[str, ...]  # timm attention modules in depth order
+    num_prefix_tokens: int
+    has_class_token: bool
+    grid_size: tuple[int, int] | None  # ViT patch grid (rows, cols)
+    feature_layer: str  # default Grad-CAM layer: the last block's norm1 (ViT) or the last feature map (CNN)
+    module_names: frozenset[str]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.attention_modules)
+
+
+@dataclass
+class CaptureBatch:
+    """Recorded tensors of a batch (detached, float32) and, for class-specific methods, the target gradients."""
+
+    logits: torch.Tensor  # (B, classes)
+    attentions: list[torch.Tensor] = field(default_factory=list)  # per block (B, heads, N, N)
+    layers: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> output
+    attention_grads: list[torch.Tensor] | None = None  # d(target logit)/d(attention), per block
+    layer_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    targets: torch.Tensor | None = None  # (B,) the class each image's gradients are for
+
+    def select(self, index: torch.Tensor) -> CaptureBatch:
+        """The same captures for a subset of the batch's images."""
+        index = index.to(self.logits.device)
+        pick = lambda t: t.index_select(0, index)  # noqa: E731
+        return CaptureBatch(
+            logits=pick(self.logits),
+            attentions=[pick(a) for a in self.attentions],
+            layers={k: pick(v) for k, v in self.layers.items()},
+            attention_grads=None if self.attention_grads is None else [pick(g) for g in self.attention_grads],
+            layer_grads={k: pick(v) for k, v in self.layer_grads.items()},
+            targets=None if self.targets is None else pick(self.targets),
+        )
+
+    def with_gradients(
+        self, attention_grads: list[torch.Tensor] | None, layer_grads: dict[str, torch.Tensor], targets: torch.Tensor
+    ) -> CaptureBatch:
+        return replace(self, attention_grads=attention_grads, layer_grads=layer_grads, targets=targets)
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """timm attention modules (fused/explicit switch and an `attn_drop` on the probabilities), in depth order."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if hasattr(module, "fused_attn") and isinstance(getattr(module, "attn_drop", None), nn.Module)
+        and hasattr(module, "num_heads")
+    ]
+
+
+def _first_tensor(output: object) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot record a module output of type {type(output).__name__}")
+
+
+@dataclass
+class Recording:
+    """Graph-attached tensors recorded during a forward pass."""
+
+    attentions: list[torch.Tensor] = field(default_factory=list)
+    layers: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@contextmanager
+def record(model: nn.Module, needs: CaptureNeeds) -> Iterator[Recording]:
+    """Hooks recording what `needs` asks for; attention modules use their explicit path meanwhile."""
+    recording = Recording()
+    handles = []
+    switched: list[tuple[nn.Module, bool]] = []
+    try:
+        if needs.attention:
+            for _, attn in attention_modules(model):
+                switched.append((attn, attn.fused_attn))
+                attn.fused_attn = False
+                handles.append(attn.attn_drop.register_forward_hook(
+                    lambda _m, _i, out: recording.attentions.append(out)
+                ))
+        if needs.layers:
+            modules = dict(model.named_modules())
+            for name in sorted(needs.layers):
+                def hook(_m: nn.Module, _i: object, out: object, name: str = name) -> None:
+                    recording.layers[name] = _first_tensor(out)
+
+                handles.append(modules[name].register_forward_hook(hook))
+        yield recording
+    finally:
+        for handle in handles:
+            handle.remove()
+        for attn, fused in switched:
+            attn.fused_attn = fused
+
+
+def _last_feature_map_layer(model: nn.Module, input_size: tuple[int, int, int]) -> str:
+    """The outermost module whose output is the tensor `forward_features` returns (CNNs)."""
+    outputs: dict[str, object] = {}  # the outputs themselves: ids of freed tensors get reused
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+        for name, module in model.named_modules() if name
+    ]
+    try:
+        param = next(model.parameters())
+        with torch.inference_mode():
+            features = model.forward_features(torch.zeros((1, *input_size), dtype=param.dtype, device=param.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    candidates = [name for name, out in outputs.items() if out is features]
+    if not candidates:
+        raise ValueError("cannot find the module producing the final feature map")
+    return min(candidates, key=lambda name: name.count("."))
+
+
+def analyse_model(model: nn.Module, family: str, input_size: tuple[int, int, int]) -> ModelAnatomy:
+    """Find the attention modules, prefix tokens, patch grid and default Grad-CAM layer of a timm model."""
+    names = frozenset(name for name, _ in model.named_modules() if name)
+    attn = tuple(name for name, _ in attention_modules(model))
+    if family == "vit":
+        patch_embed = getattr(model, "patch_embed", None)
+        grid = tuple(patch_embed.grid_size) if patch_embed is not None else None
+        blocks = getattr(model, "blocks", None)
+        feature_layer = f"blocks.{len(blocks) - 1}.norm1" if blocks is not None else attn[-1]
+        return ModelAnatomy(
+            family=family,
+            attention_modules=attn,
+            num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)),
+            has_class_token=bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None)),
+            grid_size=grid,  # type: ignore[arg-type]
+            feature_layer=feature_layer,
+            module_names=names,
+        )
+    return ModelAnatomy(
+        family=family, attention_modules=attn, num_prefix_tokens=0, has_class_token=False, grid_size=None,
+        feature_layer=_last_feature_map_layer(model, input_size), module_names=names,
+    )

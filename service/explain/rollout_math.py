@@ -1,0 +1,36 @@
+"""Attention rollout arithmetic (Abnar & Zuidema 2020), shared by rollout and gradient rollout."""
+
+from __future__ import annotations
+
+import torch
+
+
+def discard_lowest(attention: torch.Tensor, ratio: float, num_prefix_tokens: int) -> torch.Tensor:
+    """Zero the `ratio` lowest entries of each image's (N, N) matrix, never touching prefix-token rows/columns."""
+    if ratio <= 0.0:
+        return attention
+    batch, n, _ = attention.shape
+    protected = torch.zeros((n, n), dtype=torch.bool, device=attention.device)
+    protected[:num_prefix_tokens, :] = True
+    protected[:, :num_prefix_tokens] = True
+    count = min(int(n * n * ratio), int((~protected).sum()))
+    if count == 0:
+        return attention
+    candidates = attention.masked_fill(protected, float("inf")).reshape(batch, n * n)
+    lowest = candidates.topk(count, dim=1, largest=False).indices
+    return attention.reshape(batch, n * n).scatter(1, lowest, 0.0).reshape(batch, n, n)
+
+
+def add_residual_and_normalise(attention: torch.Tensor) -> torch.Tensor:
+    """0.5 * A + 0.5 * I, then each row rescaled to sum to 1."""
+    identity = torch.eye(attention.shape[-1], dtype=attention.dtype, device=attention.device)
+    mixed = 0.5 * attention + 0.5 * identity
+    return mixed / mixed.sum(dim=-1, keepdim=True)
+
+
+def rollout_product(matrices: list[torch.Tensor]) -> torch.Tensor:
+    """A_L @ ... @ A_1 for per-layer (B, N, N) matrices given first layer first."""
+    result = matrices[0]
+    for matrix in matrices[1:]:
+        result = matrix @ result
+    return result

@@ -1,0 +1,47 @@
+"""Helpers for explanation tests: tiny models of each token layout and direct pipeline calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from api_schemas import MethodSpec
+from service.config import ModelConfig, ServerSettings
+from service.explain.method_requests import resolve_methods
+from service.explain.pipeline import ExplainJob, ExplainOutcome, run_explain_batch
+from service.explain.targets import TargetRequest
+from service.served_model import ServedModel, load_served_model
+from tests.helpers import TINY_VIT_KWARGS
+
+TINY = dict(embed_dim=32, depth=3, num_heads=2, num_classes=10)
+
+VIT_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "vit": ("vit_tiny_patch16_224", dict(TINY_VIT_KWARGS, depth=3)),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(TINY, img_size=32, patch_size=8)),
+    "registers_nonsquare": ("vit_small_patch16_224", dict(TINY, img_size=(32, 48), patch_size=8, reg_tokens=4)),
+    "patch14": ("vit_small_patch14_dinov2", dict(TINY, img_size=28, patch_size=14, num_classes=10)),
+}
+
+
+def served_model(architecture: str, kwargs: dict[str, Any], seed: int = 0) -> ServedModel:
+    torch.manual_seed(seed)
+    config = ModelConfig(id="m", architecture=architecture, weights="random", model_kwargs=kwargs)
+    return load_served_model(config, ServerSettings(models=[config]))
+
+
+def explain_direct(
+    served: ServedModel, pixels: torch.Tensor, methods: list[str | dict], target: TargetRequest | None = None,
+    targets: list[TargetRequest] | None = None,
+) -> list[ExplainOutcome]:
+    """Run the explain pipeline on a batch directly (no HTTP, no queue)."""
+    specs = [m if isinstance(m, str) else MethodSpec(**m) for m in methods]
+    requests = resolve_methods(specs, served.family, served.anatomy)
+    targets = targets or [target or TargetRequest(top_k=1)] * pixels.shape[0]
+    jobs = [ExplainJob(pixels[i], requests, targets[i]) for i in range(pixels.shape[0])]
+    return run_explain_batch(served, served.anatomy, jobs)
+
+
+def random_pixels(served: ServedModel, batch: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, *served.input_size), generator=generator)
