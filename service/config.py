@@ -44,6 +44,10 @@ class ModelConfig(BaseModel):
     max_wait_ms: float = Field(default=5.0, ge=0.0, le=10_000.0)
     queue_size: int = Field(default=256, ge=1)
     timeout_s: float = Field(default=30.0, gt=0.0)
+    explain_chunk_size: int = Field(
+        default=32, ge=1, le=4096,
+        description="Most images per internal forward pass of perturbation methods (samples, steps, masks).",
+    )
     warmup_batch_sizes: list[int] | None = Field(
         default=None, description="Batch sizes to warm up with; default: 1 and max_batch_size."
     )

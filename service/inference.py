@@ -36,7 +36,9 @@ def make_batch_processor(served: ServedModel):
             for i, row in zip(predict, probabilities.unbind(0)):
                 results[i] = row
         if explain:
-            outcomes = run_explain_batch(served, served.anatomy, [jobs[i] for i in explain])  # type: ignore[misc]
+            outcomes = run_explain_batch(  # type: ignore[misc]
+                served, served.anatomy, [jobs[i] for i in explain], served.config.explain_chunk_size
+            )
             for i, outcome in zip(explain, outcomes):
                 results[i] = outcome
         return results  # type: ignore[return-value]

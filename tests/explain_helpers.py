@@ -21,6 +21,8 @@ VIT_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(TINY, img_size=32, patch_size=8)),
     "registers_nonsquare": ("vit_small_patch16_224", dict(TINY, img_size=(32, 48), patch_size=8, reg_tokens=4)),
     "patch14": ("vit_small_patch14_dinov2", dict(TINY, img_size=28, patch_size=14, num_classes=10)),
+    "patch16_48px": ("vit_tiny_patch16_224", dict(TINY, img_size=48, patch_size=16)),
+    "patch32_nonsquare": ("vit_base_patch32_224", dict(TINY, img_size=(64, 96), patch_size=32)),
 }
 
 

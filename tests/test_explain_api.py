@@ -177,3 +177,26 @@ async def test_json_body_explain(app_client) -> None:
     assert response.status_code == 200, response.text
     rendered = response.json()["explanations"][0]["results"][0]["map"]
     assert Image.open(io.BytesIO(base64.b64decode(rendered["gray_png"]))).size == (32, 32)
+
+
+async def test_predict_and_explain_requests_batched_together_both_stay_correct(app_client) -> None:
+    client, models = app_client
+    served = models["tiny_vit"]
+    data = [png_bytes(random_image(seed)) for seed in (21, 22, 23)]
+    predict, explained, predict_again = await asyncio.gather(
+        client.post("/v1/models/tiny_vit/predict", files={"file": ("a.png", data[0])}, data={"top_k": "10"}),
+        explain(client, data[1], methods=["rollout"], output={"format": ["raw"], "space": "tokens"}),
+        client.post("/v1/models/tiny_vit/predict", files={"file": ("c.png", data[2])}, data={"top_k": "10"}),
+    )
+    assert predict.json()["timings"]["batch_size"] == 3 == explained.json()["timings"]["batch_size"]
+    for response, image in ((predict, data[0]), (predict_again, data[2])):
+        pixels = served.preprocess(decode_image(image, 10**8)).unsqueeze(0)
+        with torch.no_grad():
+            expected = served.module(pixels).softmax(-1)[0]
+        got = {p["index"]: p["probability"] for p in response.json()["predictions"]}
+        np.testing.assert_allclose([got[i] for i in range(10)], expected.numpy(), atol=1e-6)
+    pixels = served.preprocess(decode_image(data[1], 10**8)).unsqueeze(0)
+    direct = explain_direct(served, pixels, ["rollout"])[0]
+    np.testing.assert_allclose(raw_array(explained.json()["explanations"][0]["results"][0]["map"]["raw"]),
+                               direct.methods[0].maps[0].numpy(), atol=1e-5)
+    assert all(block.attn.fused_attn for block in served.module.blocks)

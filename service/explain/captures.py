@@ -21,10 +21,12 @@ from torch import nn
 class CaptureNeeds:
     """What one method (or a whole batch) needs recorded during the forward pass."""
 
-    attention: bool = False
-    attention_grad: bool = False
-    layers: frozenset[str] = frozenset()
-    layer_grads: frozenset[str] = frozenset()
+    attention: bool = False  # attention probabilities of every block
+    attention_grad: bool = False  # and their gradients w.r.t. each target logit
+    layers: frozenset[str] = frozenset()  # outputs of these modules
+    layer_grads: frozenset[str] = frozenset()  # and their gradients
+    layer_inputs: frozenset[str] = frozenset()  # first positional inputs of these modules
+    input_grad: bool = False  # gradients w.r.t. the input pixels
 
     def __or__(self, other: CaptureNeeds) -> CaptureNeeds:
         return CaptureNeeds(
@@ -32,11 +34,13 @@ class CaptureNeeds:
             attention_grad=self.attention_grad or other.attention_grad,
             layers=self.layers | other.layers | self.layer_grads | other.layer_grads,
             layer_grads=self.layer_grads | other.layer_grads,
+            layer_inputs=self.layer_inputs | other.layer_inputs,
+            input_grad=self.input_grad or other.input_grad,
         )
 
     @property
     def any_grad(self) -> bool:
-        return self.attention_grad or bool(self.layer_grads)
+        return self.attention_grad or bool(self.layer_grads) or self.input_grad
 
 
 @dataclass(frozen=True)
@@ -56,34 +60,82 @@ class ModelAnatomy:
         return len(self.attention_modules)
 
 
+class ModelRunner:
+    """Lets perturbation methods run the model again, in chunks of at most `chunk_size` images.
+
+    Only used on the device worker thread, like every other use of the model.
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device, dtype: torch.dtype, chunk_size: int) -> None:
+        self.module = module
+        self.device = device
+        self.dtype = dtype
+        self.chunk_size = chunk_size
+
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """float32 logits of any number of images, without gradients."""
+        outputs = []
+        with torch.inference_mode():
+            for chunk in pixels.split(self.chunk_size):
+                outputs.append(self.module(chunk.to(self.device, self.dtype)).float())
+        return torch.cat(outputs)
+
+    def input_gradients(self, pixels: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target logits (n,), d(target logit)/d(pixels) (n, C, H, W)) for any number of images, in chunks."""
+        scores, grads = [], []
+        for chunk, chunk_targets in zip(pixels.split(self.chunk_size), targets.split(self.chunk_size)):
+            with torch.enable_grad():
+                x = chunk.detach().to(self.device, self.dtype).requires_grad_(True)
+                logits = self.module(x).float()
+                score = logits.gather(1, chunk_targets.to(logits.device)[:, None])[:, 0]
+                (grad,) = torch.autograd.grad(score.sum(), x)
+            scores.append(score.detach())
+            grads.append(grad.detach().float())
+        return torch.cat(scores), torch.cat(grads)
+
+
 @dataclass
 class CaptureBatch:
     """Recorded tensors of a batch (detached, float32) and, for class-specific methods, the target gradients."""
 
     logits: torch.Tensor  # (B, classes)
+    pixels: torch.Tensor  # (B, C, H, W) the model's input, float32, on the device
     attentions: list[torch.Tensor] = field(default_factory=list)  # per block (B, heads, N, N)
     layers: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> output
+    layer_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> first input
     attention_grads: list[torch.Tensor] | None = None  # d(target logit)/d(attention), per block
     layer_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_grads: torch.Tensor | None = None  # d(target logit)/d(pixels)
     targets: torch.Tensor | None = None  # (B,) the class each image's gradients are for
+    runner: ModelRunner | None = None  # shared by the whole batch, for methods that run the model again
 
     def select(self, index: torch.Tensor) -> CaptureBatch:
         """The same captures for a subset of the batch's images."""
         index = index.to(self.logits.device)
-        pick = lambda t: t.index_select(0, index)  # noqa: E731
+        pick = lambda t: t.index_select(0, index.to(t.device))  # noqa: E731
         return CaptureBatch(
             logits=pick(self.logits),
+            pixels=pick(self.pixels),
             attentions=[pick(a) for a in self.attentions],
             layers={k: pick(v) for k, v in self.layers.items()},
+            layer_inputs={k: pick(v) for k, v in self.layer_inputs.items()},
             attention_grads=None if self.attention_grads is None else [pick(g) for g in self.attention_grads],
             layer_grads={k: pick(v) for k, v in self.layer_grads.items()},
+            input_grads=None if self.input_grads is None else pick(self.input_grads),
             targets=None if self.targets is None else pick(self.targets),
+            runner=self.runner,
         )
 
-    def with_gradients(
-        self, attention_grads: list[torch.Tensor] | None, layer_grads: dict[str, torch.Tensor], targets: torch.Tensor
+    def for_target(
+        self,
+        targets: torch.Tensor,
+        attention_grads: list[torch.Tensor] | None = None,
+        layer_grads: dict[str, torch.Tensor] | None = None,
+        input_grads: torch.Tensor | None = None,
     ) -> CaptureBatch:
-        return replace(self, attention_grads=attention_grads, layer_grads=layer_grads, targets=targets)
+        """These captures with one target per image and the gradients of that target's logit."""
+        return replace(self, targets=targets, attention_grads=attention_grads, layer_grads=layer_grads or {},
+                       input_grads=input_grads)
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -110,6 +162,7 @@ class Recording:
 
     attentions: list[torch.Tensor] = field(default_factory=list)
     layers: dict[str, torch.Tensor] = field(default_factory=dict)
+    layer_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @contextmanager
@@ -133,6 +186,13 @@ def record(model: nn.Module, needs: CaptureNeeds) -> Iterator[Recording]:
                     recording.layers[name] = _first_tensor(out)
 
                 handles.append(modules[name].register_forward_hook(hook))
+        if needs.layer_inputs:
+            modules = dict(model.named_modules())
+            for name in sorted(needs.layer_inputs):
+                def pre_hook(_m: nn.Module, args: tuple, name: str = name) -> None:
+                    recording.layer_inputs[name] = _first_tensor(args)
+
+                handles.append(modules[name].register_forward_pre_hook(pre_hook))
         yield recording
     finally:
         for handle in handles:

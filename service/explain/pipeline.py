@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from pydantic import BaseModel
 
-from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy, record
+from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy, ModelRunner, record
 from service.explain.registry import ExplainMethod
 from service.explain.targets import TargetRequest
 from service.served_model import ServedModel
@@ -67,42 +67,62 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _forward(served: ServedModel, pixels: torch.Tensor, needs: CaptureNeeds) -> tuple[torch.Tensor, list, dict]:
+@dataclass
+class _Forward:
+    """The graph-attached results of the recording forward pass."""
+
+    batch: torch.Tensor
+    logits: torch.Tensor
+    attentions: list[torch.Tensor]
+    layers: dict[str, torch.Tensor]
+    layer_inputs: dict[str, torch.Tensor]
+
+
+def _forward(served: ServedModel, pixels: torch.Tensor, needs: CaptureNeeds) -> _Forward:
     with record(served.module, needs) as recording, torch.set_grad_enabled(needs.any_grad):
         batch = pixels.to(device=served.device, dtype=served.dtype)
         if needs.any_grad:
             batch.requires_grad_(True)
         logits = served.module(batch)
-    return logits, recording.attentions, recording.layers
+    return _Forward(batch, logits, recording.attentions, recording.layers, recording.layer_inputs)
 
 
 def _target_gradients(
-    logits: torch.Tensor, attentions: list[torch.Tensor], layers: dict[str, torch.Tensor], needs: CaptureNeeds,
-    slot_targets: torch.Tensor, images: torch.Tensor, retain_graph: bool,
-) -> tuple[list[torch.Tensor] | None, dict[str, torch.Tensor]]:
+    forward: _Forward, needs: CaptureNeeds, slot_targets: torch.Tensor, images: torch.Tensor, retain_graph: bool
+) -> dict[str, object]:
     """Gradients of each listed image's own target logit (summed: images are independent in eval mode)."""
-    score = logits.index_select(0, images).gather(1, slot_targets.index_select(0, images)[:, None]).sum()
+    score = forward.logits.index_select(0, images).gather(1, slot_targets.index_select(0, images)[:, None]).sum()
     layer_names = sorted(needs.layer_grads)
-    inputs = (attentions if needs.attention_grad else []) + [layers[name] for name in layer_names]
+    attentions = forward.attentions if needs.attention_grad else []
+    inputs = attentions + [forward.layers[name] for name in layer_names]
+    if needs.input_grad:
+        inputs.append(forward.batch)
     grads = torch.autograd.grad(score, inputs, retain_graph=retain_graph, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
-    n_attn = len(attentions) if needs.attention_grad else 0
-    attention_grads = [g.detach().float() for g in grads[:n_attn]] if needs.attention_grad else None
-    return attention_grads, {name: g.detach().float() for name, g in zip(layer_names, grads[n_attn:])}
+    grads = [(torch.zeros_like(t) if g is None else g).detach().float() for t, g in zip(inputs, grads)]
+    n_attn = len(attentions)
+    return {
+        "attention_grads": grads[:n_attn] if needs.attention_grad else None,
+        "layer_grads": dict(zip(layer_names, grads[n_attn:n_attn + len(layer_names)])),
+        "input_grads": grads[-1] if needs.input_grad else None,
+    }
 
 
-def run_explain_batch(served: ServedModel, anatomy: ModelAnatomy, jobs: Sequence[ExplainJob]) -> list[ExplainOutcome]:
+def run_explain_batch(
+    served: ServedModel, anatomy: ModelAnatomy, jobs: Sequence[ExplainJob], chunk_size: int = 32
+) -> list[ExplainOutcome]:
     """Explain a batch of jobs (runs on the model's device worker thread)."""
     needs = CaptureNeeds()
     for job in jobs:
         for request in job.methods:
             needs = needs | request.needs
-    pixels = torch.stack([job.pixels for job in jobs])
-    logits, attentions, layers = _forward(served, pixels, needs)
+    forward = _forward(served, torch.stack([job.pixels for job in jobs]), needs)
     captures = CaptureBatch(
-        logits=logits.detach().float(),
-        attentions=[a.detach().float() for a in attentions],
-        layers={name: t.detach().float() for name, t in layers.items()},
+        logits=forward.logits.detach().float(),
+        pixels=forward.batch.detach().float(),
+        attentions=[a.detach().float() for a in forward.attentions],
+        layers={name: t.detach().float() for name, t in forward.layers.items()},
+        layer_inputs={name: t.detach().float() for name, t in forward.layer_inputs.items()},
+        runner=ModelRunner(served.module, served.device, served.dtype, chunk_size),
     )
     targets = [job.target.resolve(captures.logits[i]) for i, job in enumerate(jobs)]
     outcomes = [
@@ -116,20 +136,20 @@ def run_explain_batch(served: ServedModel, anatomy: ModelAnatomy, jobs: Sequence
         for m, request in enumerate(job.methods):
             groups.setdefault(request.key, (request, []))[1].append((i, m))
 
-    # Gradients per target slot: slot s is each image's s-th target.
+    # Target slot s is each image's s-th target; gradients are taken once per slot for the whole batch.
     class_specific_images = sorted({i for request, members in groups.values() if request.method.class_specific
                                     for i, _ in members})
     n_slots = max((len(targets[i]) for i in class_specific_images), default=0)
     slot_captures: list[CaptureBatch] = []
     for slot in range(n_slots):
-        in_slot = [i for i in class_specific_images if len(targets[i]) > slot]
-        slot_targets = torch.tensor([t[slot] if len(t) > slot else 0 for t in targets], device=logits.device)
-        attention_grads, layer_grads = _target_gradients(
-            logits, attentions, layers, needs, slot_targets, torch.tensor(in_slot, device=logits.device),
-            retain_graph=slot < n_slots - 1,
-        )
-        slot_captures.append(captures.with_gradients(attention_grads, layer_grads, slot_targets))
-    del logits, attentions, layers
+        slot_targets = torch.tensor([t[slot] if len(t) > slot else 0 for t in targets], device=forward.logits.device)
+        gradients: dict[str, object] = {}
+        if needs.any_grad:
+            in_slot = torch.tensor([i for i in class_specific_images if len(targets[i]) > slot],
+                                   device=forward.logits.device)
+            gradients = _target_gradients(forward, needs, slot_targets, in_slot, retain_graph=slot < n_slots - 1)
+        slot_captures.append(captures.for_target(slot_targets, **gradients))  # type: ignore[arg-type]
+    del forward
 
     for request, members in groups.values():
         method = request.method
