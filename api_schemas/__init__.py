@@ -23,6 +23,17 @@ from api_schemas.explain import (
     TopKTarget,
 )
 from api_schemas.health import HealthResponse, ReadinessResponse
+from api_schemas.jobs import (
+    ChannelObjective,
+    ClassObjective,
+    JobListResponse,
+    JobProgress,
+    JobStatus,
+    LayerObjective,
+    TokenObjective,
+    VisualizationRequest,
+    VisualizationResult,
+)
 from api_schemas.models import BatchingInfo, ModelInfo, ModelListResponse, WeightsInfo
 from api_schemas.predict import ClassScore, PredictJsonRequest, PredictOptions, PredictResponse, Timings
 
@@ -56,4 +67,13 @@ __all__ = [
     "ReadinessResponse",
     "Timings",
     "WeightsInfo",
+    "ChannelObjective",
+    "ClassObjective",
+    "JobListResponse",
+    "JobProgress",
+    "JobStatus",
+    "LayerObjective",
+    "TokenObjective",
+    "VisualizationRequest",
+    "VisualizationResult",
 ]

@@ -109,6 +109,11 @@ class MapStatistics(BaseModel):
     entropy: float = Field(description="Entropy of the map as a distribution (min-shifted), divided by log(cells).")
     top10_mass: float = Field(description="Share of the (min-shifted) mass held by the top 10% of cells.")
     peak: Peak
+    completeness_gap: float | None = Field(
+        default=None,
+        description="Integrated gradients only: sum of the attributions minus (f(input) - f(baseline)) for the target "
+        "logit f; it shrinks towards 0 as `steps` grows.",
+    )
 
 
 class RenderedMap(BaseModel):

@@ -21,6 +21,7 @@ from service.errors import ApiError, error_body
 from service.openapi import install_openapi
 from service.routes import explain as explain_routes
 from service.routes import health as health_routes
+from service.routes import jobs as jobs_routes
 from service.routes import methods as methods_routes
 from service.routes import metrics as metrics_routes
 from service.routes import models as models_routes
@@ -119,7 +120,8 @@ def create_app(
         description="Batched predictions and saliency maps for timm image classifiers.",
         lifespan=lifespan,
     )
-    for routes in (health_routes, models_routes, predict_routes, explain_routes, methods_routes, metrics_routes):
+    for routes in (health_routes, models_routes, predict_routes, explain_routes, methods_routes, metrics_routes,
+                   jobs_routes):
         app.include_router(routes.router)
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)

@@ -75,6 +75,10 @@ class ServerSettings(BaseSettings):
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="Largest decoded image (width x height).")
     max_map_side: int = Field(default=1024, ge=8, le=8192, description="Longest side of original-space maps.")
     decode_threads: int = Field(default=4, ge=1, description="Threads that decode and preprocess images.")
+    max_jobs: int = Field(default=4, ge=1, le=1024, description="Most visualization jobs queued or running at once.")
+    max_finished_jobs: int = Field(
+        default=64, ge=0, le=100_000, description="Finished visualization jobs kept (with results); oldest evicted."
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     models: list[ModelConfig] = Field(default_factory=list)
 

@@ -8,6 +8,23 @@ import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+# torch's intra-op thread count of the process as started (the cores, or OMP_NUM_THREADS): the device workers use
+# it. torch.set_num_threads() in one thread also sets the count that threads started later begin with, so every
+# pool sets its own count explicitly when its threads start.
+COMPUTE_THREADS = torch.get_num_threads()
+
+
+def use_compute_threads() -> None:
+    """Thread initializer of the device workers: model passes use all of torch's intra-op threads."""
+    torch.set_num_threads(COMPUTE_THREADS)
+
+
+def use_one_thread() -> None:
+    """Thread initializer of the decode pool: its small tensor operations (ToTensor, Normalize, map rendering) run
+    single-threaded, instead of each decode thread starting its own team of intra-op threads that oversubscribe
+    the cores the model needs (on 2 cores that doubled the CPU time of preprocessing an image)."""
+    torch.set_num_threads(1)
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` means cuda when available, else cpu; anything else is passed to torch.device."""
@@ -36,7 +53,8 @@ class DeviceWorkers:
     def for_device(self, device: torch.device) -> ThreadPoolExecutor:
         key = str(device)
         if key not in self._executors:
-            self._executors[key] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{key}")
+            self._executors[key] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device-{key}",
+                                                      initializer=use_compute_threads)
         return self._executors[key]
 
     def shutdown(self) -> None:

@@ -11,11 +11,12 @@ from PIL import Image
 
 from service.batching import BatchQueue
 from service.config import ServerSettings
-from service.devices import DeviceWorkers
+from service.devices import DeviceWorkers, use_one_thread
 from service.image_decoding import decode_image
 from service.inference import make_batch_processor
 from service.metrics import Metrics
 from service.served_model import ServedModel
+from service.visualization.jobs import JobManager
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,13 @@ class ServiceState:
     workers: DeviceWorkers = field(default_factory=DeviceWorkers)
     queues: dict[str, BatchQueue] = field(default_factory=dict)
     decode_pool: ThreadPoolExecutor = field(init=False)
+    jobs: JobManager = field(init=False)  # visualization jobs
     warmup_task: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
-        self.decode_pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
+        self.decode_pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode",
+                                              initializer=use_one_thread)
+        self.jobs = JobManager(self.workers, self.decode_pool, self.settings.max_jobs, self.settings.max_finished_jobs)
 
     @property
     def ready(self) -> bool:
@@ -86,6 +90,7 @@ class ServiceState:
         """Drain every queue (accepted requests get answers), then stop the workers."""
         if self.warmup_task is not None and not self.warmup_task.done():
             self.warmup_task.cancel()
+        await self.jobs.shutdown()  # cancel visualization jobs before the workers stop
         await asyncio.gather(*(queue.close() for queue in self.queues.values()))
         self.workers.shutdown()
         self.decode_pool.shutdown(wait=True)

@@ -25,10 +25,18 @@ class GatedModule(nn.Module):
         self.num_classes = inner.num_classes
         self.gate = threading.Event()
         self.gate.set()
+        self._waiting = 0
         self.calls: list[int] = []
 
+    @property
+    def waiting(self) -> bool:
+        """A forward pass is blocked at the gate."""
+        return self._waiting > 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._waiting += 1
         self.gate.wait(30)
+        self._waiting -= 1
         self.calls.append(x.shape[0])
         if (x.flatten(1).mean(1) > 0.99).any():
             raise RuntimeError("tripwire: bright image")
@@ -71,7 +79,7 @@ async def test_http_predictions_equal_the_models_own_output() -> None:
 
 
 async def test_concurrent_clients_get_their_own_answers_and_are_batched() -> None:
-    settings = settings_for(tiny_vit_config(max_batch_size=8, max_wait_ms=200.0))
+    settings = settings_for(tiny_vit_config(max_batch_size=8, max_wait_ms=1000.0))
     models = load_models(settings)
     served = models["tiny_vit"]
     images = [png_bytes(random_image(seed)) for seed in range(16)]
@@ -98,11 +106,16 @@ async def test_concurrent_clients_get_their_own_answers_and_are_batched() -> Non
 
 async def test_queue_full_gives_503_with_retry_after() -> None:
     models, gated = gated_models(max_batch_size=1, queue_size=2, max_wait_ms=0.0)
-    async with running_app(settings_for(models["tiny_vit"].config), models) as (client, _):
+    async with running_app(settings_for(models["tiny_vit"].config), models) as (client, app):
         gated.gate.clear()
         data = png_bytes(random_image(1))
-        pending = [asyncio.ensure_future(post_image(client, data)) for _ in range(3)]  # 1 running + 2 queued
-        await asyncio.sleep(0.3)
+        queue = app.state.service.queues["tiny_vit"]
+        pending = [asyncio.ensure_future(post_image(client, data))]  # taken by the consumer, blocked in forward
+        while not gated.waiting:
+            await asyncio.sleep(0.01)
+        pending += [asyncio.ensure_future(post_image(client, data)) for _ in range(2)]  # fill the queue
+        while queue.depth < 2:
+            await asyncio.sleep(0.01)
         rejected = await post_image(client, data)
         gated.gate.set()
         done = await asyncio.gather(*pending)
@@ -123,7 +136,7 @@ async def test_request_waiting_past_its_timeout_gets_504() -> None:
 
 
 async def test_one_bad_item_does_not_fail_its_batch_mates() -> None:
-    models, gated = gated_models(max_batch_size=8, max_wait_ms=300.0)
+    models, gated = gated_models(max_batch_size=4, max_wait_ms=10_000.0)  # the batch forms when all 4 arrived
     async with running_app(settings_for(models["tiny_vit"].config), models) as (client, _):
         gated.calls.clear()
         good = [png_bytes(random_image(seed)) for seed in range(3)]

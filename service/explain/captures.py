@@ -16,6 +16,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from service.explain.head import PooledLinearHead, analyse_pooled_linear_head
+
 
 @dataclass(frozen=True)
 class CaptureNeeds:
@@ -54,6 +56,9 @@ class ModelAnatomy:
     grid_size: tuple[int, int] | None  # ViT patch grid (rows, cols)
     feature_layer: str  # default Grad-CAM layer: the last block's norm1 (ViT) or the last feature map (CNN)
     module_names: frozenset[str]
+    # logits = linear(optional LayerNorm(average of the final features)), verified at load time (CAM needs it)
+    pooled_linear_head: PooledLinearHead | None = None
+    head_note: str | None = None  # why pooled_linear_head is None
 
     @property
     def num_layers(self) -> int:
@@ -66,11 +71,17 @@ class ModelRunner:
     Only used on the device worker thread, like every other use of the model.
     """
 
-    def __init__(self, module: nn.Module, device: torch.device, dtype: torch.dtype, chunk_size: int) -> None:
+    def __init__(
+        self, module: nn.Module, device: torch.device, dtype: torch.dtype, chunk_size: int,
+        mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+    ) -> None:
         self.module = module
         self.device = device
         self.dtype = dtype
         self.chunk_size = chunk_size
+        # The input normalisation (pixels = (image - mean) / std per channel), for methods that need real colours
+        self.mean = mean
+        self.std = std
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """float32 logits of any number of images, without gradients."""
@@ -225,6 +236,11 @@ def analyse_model(model: nn.Module, family: str, input_size: tuple[int, int, int
     """Find the attention modules, prefix tokens, patch grid and default Grad-CAM layer of a timm model."""
     names = frozenset(name for name, _ in model.named_modules() if name)
     attn = tuple(name for name, _ in attention_modules(model))
+    num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0)) if family == "vit" else 0
+    try:
+        head, head_note = analyse_pooled_linear_head(model, input_size, num_prefix_tokens)
+    except Exception as exc:  # an unusual model must still load; CAM is then unavailable
+        head, head_note = None, f"its head could not be analysed ({type(exc).__name__}: {exc})"
     if family == "vit":
         patch_embed = getattr(model, "patch_embed", None)
         grid = tuple(patch_embed.grid_size) if patch_embed is not None else None
@@ -233,13 +249,16 @@ def analyse_model(model: nn.Module, family: str, input_size: tuple[int, int, int
         return ModelAnatomy(
             family=family,
             attention_modules=attn,
-            num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)),
+            num_prefix_tokens=num_prefix_tokens,
             has_class_token=bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None)),
             grid_size=grid,  # type: ignore[arg-type]
             feature_layer=feature_layer,
             module_names=names,
+            pooled_linear_head=head,
+            head_note=head_note,
         )
     return ModelAnatomy(
         family=family, attention_modules=attn, num_prefix_tokens=0, has_class_token=False, grid_size=None,
         feature_layer=_last_feature_map_layer(model, input_size), module_names=names,
+        pooled_linear_head=head, head_note=head_note,
     )

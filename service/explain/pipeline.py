@@ -4,7 +4,7 @@ requested method's tensor work over the sub-batch of images that asked for it.""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -46,6 +46,7 @@ class MethodMaps:
     layers: list[torch.Tensor | None]  # (L, h, w) each, or None
     layer_indices: tuple[int, ...] | None
     compute_ms: float
+    statistics: list[dict[str, float] | None] = field(default_factory=list)  # per map: extra map statistics
 
 
 @dataclass
@@ -122,7 +123,8 @@ def run_explain_batch(
         attentions=[a.detach().float() for a in forward.attentions],
         layers={name: t.detach().float() for name, t in forward.layers.items()},
         layer_inputs={name: t.detach().float() for name, t in forward.layer_inputs.items()},
-        runner=ModelRunner(served.module, served.device, served.dtype, chunk_size),
+        runner=ModelRunner(served.module, served.device, served.dtype, chunk_size,
+                           mean=served.data_config.get("mean"), std=served.data_config.get("std")),
     )
     targets = [job.target.resolve(captures.logits[i]) for i, job in enumerate(jobs)]
     outcomes = [
@@ -174,6 +176,7 @@ def run_explain_batch(
                 result = per_member[member]
                 result.maps.append(maps[row])
                 result.layers.append(None if layer_maps is None else layer_maps[row])
+                result.statistics.append(None if output.statistics is None else output.statistics[row])
                 result.layer_indices = output.layer_indices
                 result.compute_ms += elapsed_ms
         for (i, m), result in per_member.items():

@@ -29,6 +29,8 @@ class MethodOutput:
     maps: torch.Tensor  # (B, h, w)
     layers: torch.Tensor | None = None  # (B, L, h, w)
     layer_indices: tuple[int, ...] | None = None
+    # per image, extra map statistics (names of optional api_schemas.MapStatistics fields, e.g. completeness_gap)
+    statistics: tuple[dict[str, float], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,10 +86,15 @@ def _import_methods() -> None:
         importlib.import_module(f"{methods.__name__}.{module.name}")
 
 
+_methods_imported = False  # not `if not _METHODS`: importing one method module first must not hide the others
+
+
 def all_methods() -> dict[str, ExplainMethod]:
     """Every registered method by name (importing the methods package on first use)."""
-    if not _METHODS:
+    global _methods_imported
+    if not _methods_imported:
         _import_methods()
+        _methods_imported = True
     return dict(sorted(_METHODS.items()))
 
 

@@ -34,3 +34,9 @@ def rollout_product(matrices: list[torch.Tensor]) -> torch.Tensor:
     for matrix in matrices[1:]:
         result = matrix @ result
     return result
+
+
+def normalise_rows(matrix: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its sum (rows summing to zero stay zero; no epsilon, tiny rows stay exact)."""
+    sums = matrix.sum(dim=-1, keepdim=True)
+    return matrix / torch.where(sums == 0, torch.ones_like(sums), sums)

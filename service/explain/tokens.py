@@ -9,6 +9,12 @@ import torch
 from service.explain.captures import ModelAnatomy
 
 HeadFusion = Literal["mean", "max", "min"]
+TokenChoice = Literal["cls", "mean"]
+TOKEN_DESCRIPTION = (
+    "Which row of the token-to-token matrix becomes the map: `cls`, the class token's row (needs a class token), "
+    "or `mean`, the mean over all query rows, prefix tokens included (Mylonas et al. 2022; works without a class "
+    "token). Either way restricted to the patch columns."
+)
 
 
 def fuse_heads(attention: torch.Tensor, how: HeadFusion) -> torch.Tensor:
@@ -51,6 +57,27 @@ def check_class_token_attention(anatomy: ModelAnatomy) -> None:
         raise ValueError("this model exposes no timm attention modules whose probabilities can be recorded")
     if not anatomy.has_class_token:
         raise ValueError("this model has no class token (it pools its tokens), so there is no class-token row")
+
+
+def check_attention_modules(anatomy: ModelAnatomy) -> None:
+    """Raise ValueError unless the model exposes attention probabilities (a class token is not required)."""
+    if not anatomy.attention_modules:
+        raise ValueError("this model exposes no timm attention modules whose probabilities can be recorded")
+
+
+def check_token_choice(token: TokenChoice, anatomy: ModelAnatomy) -> None:
+    """`cls` needs a class token; `mean` (the mean over all query rows) works for any ViT."""
+    if token == "cls":
+        check_class_token_attention(anatomy)
+    else:
+        check_attention_modules(anatomy)
+
+
+def token_row(matrices: torch.Tensor, token: TokenChoice, anatomy: ModelAnatomy) -> torch.Tensor:
+    """(B, N, N) token-to-token matrices -> (B, n_patches): the class-token row, or the mean over all N rows
+    (every query token, prefix tokens included; Mylonas et al. 2022), restricted to the patch columns."""
+    row = matrices[:, 0, :] if token == "cls" else matrices.mean(dim=1)
+    return row[:, anatomy.num_prefix_tokens:]
 
 
 def check_layer_index(layer: int, anatomy: ModelAnatomy, field: str) -> int:

@@ -16,6 +16,7 @@ from api_schemas import (
     ExplainOptions,
     ExplainResponse,
     LayerMap,
+    MapStatistics,
     MethodResult,
     TargetExplanation,
 )
@@ -55,16 +56,20 @@ def build_explanations(
         class_specific = request.method.class_specific
         targets = outcome.targets if class_specific else [None]
         explained = []
-        for target, saliency, layers in zip(targets, maps.maps, maps.layers):
+        extras = maps.statistics or [None] * len(maps.maps)
+        for target, saliency, layers, extra in zip(targets, maps.maps, maps.layers, extras):
             layer_maps = None
             if layers is not None:
                 layer_maps = [
                     LayerMap(layer=index, **render_map(layer, geometry, image, options).model_dump())
                     for index, layer in zip(maps.layer_indices or range(len(layers)), layers)
                 ]
+            rendered = render_map(saliency, geometry, image, options)
+            if extra:
+                rendered.statistics = MapStatistics.model_validate({**rendered.statistics.model_dump(), **extra})
             explained.append(TargetExplanation(
                 target=None if target is None else _class_score(target, outcome.probabilities, labels),
-                map=render_map(saliency, geometry, image, options),
+                map=rendered,
                 layers=layer_maps,
             ))
         results.append(MethodResult(

@@ -7,7 +7,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
 from service.explain.registry import MethodOutput, register_method
 from service.explain.rollout_math import add_residual_and_normalise, discard_lowest, rollout_product
-from service.explain.tokens import HeadFusion, check_class_token_attention, check_layer_index, fuse_heads, patch_tokens_to_grid
+from service.explain.tokens import (
+    TOKEN_DESCRIPTION,
+    HeadFusion,
+    TokenChoice,
+    check_layer_index,
+    check_token_choice,
+    fuse_heads,
+    patch_tokens_to_grid,
+    token_row,
+)
 
 
 class RolloutParams(BaseModel):
@@ -20,22 +29,23 @@ class RolloutParams(BaseModel):
         "columns are never discarded).",
     )
     start_layer: int = Field(default=0, description="First block of the product; negative counts from the last.")
+    token: TokenChoice = Field(default="cls", description=TOKEN_DESCRIPTION)
 
 
 def _check(params: RolloutParams, anatomy: ModelAnatomy) -> None:
-    check_class_token_attention(anatomy)
+    check_token_choice(params.token, anatomy)
     check_layer_index(params.start_layer, anatomy, "start_layer")
 
 
 @register_method(
     name="rollout",
     description="Attention rollout: product over blocks of head-fused attention with the residual (0.5A + 0.5I), "
-    "class-token row over the patches.",
+    "class-token row (or the mean over all rows) over the patches.",
     families=("vit",),
     class_specific=False,
     params_model=RolloutParams,
     needs=lambda params, anatomy: CaptureNeeds(attention=True),
-    relative_cost=1.1,
+    relative_cost=1.3,
     check=_check,
 )
 def rollout(captures: CaptureBatch, params: RolloutParams, anatomy: ModelAnatomy) -> MethodOutput:
@@ -46,5 +56,5 @@ def rollout(captures: CaptureBatch, params: RolloutParams, anatomy: ModelAnatomy
         )
         for attention in captures.attentions[start:]
     ]
-    class_row = rollout_product(matrices)[:, 0, anatomy.num_prefix_tokens:]
-    return MethodOutput(maps=patch_tokens_to_grid(class_row, anatomy))
+    row = token_row(rollout_product(matrices), params.token, anatomy)
+    return MethodOutput(maps=patch_tokens_to_grid(row, anatomy))

@@ -1,0 +1,77 @@
+"""Layer-wise attention: the class token's attention map in every chosen block, plus an aggregate of them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
+from service.explain.registry import MethodOutput, register_method
+from service.explain.rollout_math import add_residual_and_normalise, rollout_product
+from service.explain.tokens import (
+    HeadFusion,
+    check_class_token_attention,
+    check_layer_index,
+    fuse_heads,
+    patch_tokens_to_grid,
+)
+
+Aggregate = Literal["mean", "max", "min", "rollout"]
+
+
+class AttentionLayersParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[int] | None = Field(
+        default=None, min_length=1,
+        description="Block indices to show (negative values count from the last block); default: every block. "
+        "Returned in depth order, duplicates removed.",
+    )
+    head_fusion: HeadFusion = Field(default="mean", description="How the heads are fused: mean, max or min.")
+    aggregate: Aggregate = Field(
+        default="mean",
+        description="The main map: the element-wise `mean`, `max` or `min` of the per-layer maps, or `rollout`, "
+        "the class-token row of the rollout product (0.5A + 0.5I, rows renormalised) over the chosen blocks.",
+    )
+
+
+def chosen_layers(params: AttentionLayersParams, anatomy: ModelAnatomy) -> list[int]:
+    if params.layers is None:
+        return list(range(anatomy.num_layers))
+    return sorted({layer % anatomy.num_layers for layer in params.layers})
+
+
+def _check(params: AttentionLayersParams, anatomy: ModelAnatomy) -> None:
+    check_class_token_attention(anatomy)
+    for position, layer in enumerate(params.layers or []):
+        check_layer_index(layer, anatomy, f"layers[{position}]")
+
+
+@register_method(
+    name="attention_layers",
+    description="Layer-wise attention: the class token's attention to each patch in every chosen block (heads "
+    "fused), returned as one map per layer (`layers`), plus their mean, max, min or rollout as the main map.",
+    families=("vit",),
+    class_specific=False,
+    params_model=AttentionLayersParams,
+    needs=lambda params, anatomy: CaptureNeeds(attention=True),
+    relative_cost=1.15,
+    check=_check,
+)
+def attention_layers(captures: CaptureBatch, params: AttentionLayersParams, anatomy: ModelAnatomy) -> MethodOutput:
+    indices = chosen_layers(params, anatomy)
+    prefix = anatomy.num_prefix_tokens
+    fused = [fuse_heads(captures.attentions[i], params.head_fusion) for i in indices]
+    per_layer = torch.stack([patch_tokens_to_grid(matrix[:, 0, prefix:], anatomy) for matrix in fused], dim=1)
+    if params.aggregate == "mean":
+        maps = per_layer.mean(dim=1)
+    elif params.aggregate == "max":
+        maps = per_layer.amax(dim=1)
+    elif params.aggregate == "min":
+        maps = per_layer.amin(dim=1)
+    else:
+        product = rollout_product([add_residual_and_normalise(matrix) for matrix in fused])
+        maps = patch_tokens_to_grid(product[:, 0, prefix:], anatomy)
+    return MethodOutput(maps=maps, layers=per_layer, layer_indices=tuple(indices))

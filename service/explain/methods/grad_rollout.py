@@ -1,0 +1,63 @@
+"""Gradient attention rollout: class-specific rollout of attention weighted by its gradient (positive part)."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
+from service.explain.registry import MethodOutput, register_method
+from service.explain.rollout_math import add_residual_and_normalise, discard_lowest, rollout_product
+from service.explain.tokens import (
+    HeadFusion,
+    check_class_token_attention,
+    check_layer_index,
+    fuse_heads,
+    patch_tokens_to_grid,
+)
+
+
+class GradRolloutParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    head_fusion: HeadFusion = Field(
+        default="mean", description="How the heads of ReLU(A * dA) are fused: mean, max or min."
+    )
+    discard_ratio: float = Field(
+        default=0.0, ge=0.0, lt=1.0,
+        description="Fraction of the lowest entries of each fused matrix set to zero (prefix-token rows and "
+        "columns are never discarded).",
+    )
+    start_layer: int = Field(default=0, description="First block of the product; negative counts from the last.")
+
+
+def _check(params: GradRolloutParams, anatomy: ModelAnatomy) -> None:
+    check_class_token_attention(anatomy)
+    check_layer_index(params.start_layer, anatomy, "start_layer")
+
+
+@register_method(
+    name="grad_rollout",
+    description="Gradient attention rollout: per block, the attention times the gradient of the target logit "
+    "with respect to it, negatives zeroed, heads fused; then the residual (0.5A + 0.5I, rows renormalised) and "
+    "the rollout product; class-token row over the patches.",
+    families=("vit",),
+    class_specific=True,
+    params_model=GradRolloutParams,
+    needs=lambda params, anatomy: CaptureNeeds(attention_grad=True),
+    relative_cost=2.5,
+    cost_note="One backward pass per target class on top of the shared forward pass.",
+    check=_check,
+)
+def grad_rollout(captures: CaptureBatch, params: GradRolloutParams, anatomy: ModelAnatomy) -> MethodOutput:
+    assert captures.attention_grads is not None
+    start = params.start_layer % anatomy.num_layers
+    matrices = [
+        add_residual_and_normalise(discard_lowest(
+            fuse_heads(torch.relu(attention * grad), params.head_fusion), params.discard_ratio,
+            anatomy.num_prefix_tokens,
+        ))
+        for attention, grad in zip(captures.attentions[start:], captures.attention_grads[start:])
+    ]
+    class_row = rollout_product(matrices)[:, 0, anatomy.num_prefix_tokens:]
+    return MethodOutput(maps=patch_tokens_to_grid(class_row, anatomy))

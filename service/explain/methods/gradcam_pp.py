@@ -1,0 +1,39 @@
+"""Grad-CAM++ (Chattopadhay et al. 2018): Grad-CAM with channel weights from positive gradients weighted per
+position by the closed-form alpha coefficients (the exponential-score derivation, as in pytorch-grad-cam)."""
+
+from __future__ import annotations
+
+import torch
+
+from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
+from service.explain.methods.gradcam import GradCamParams, check_target_layer, target_layer
+from service.explain.registry import MethodOutput, register_method
+from service.explain.tokens import token_features_to_map
+
+EPS = 1e-6  # as pytorch-grad-cam
+
+
+@register_method(
+    name="gradcam_pp",
+    description="Grad-CAM++: channels of a layer's activations weighted by the alpha-weighted sum of their positive "
+    "gradients, summed, ReLU. Same target layers as gradcam.",
+    families=("vit", "cnn"),
+    class_specific=True,
+    params_model=GradCamParams,
+    needs=lambda params, anatomy: CaptureNeeds(layer_grads=frozenset({target_layer(params, anatomy)})),
+    relative_cost=1.2,
+    cost_note="Shares the batch's forward pass and one backward pass per target (only down to the target layer) with "
+    "the other gradient methods.",
+    check=check_target_layer,
+)
+def gradcam_pp(captures: CaptureBatch, params: GradCamParams, anatomy: ModelAnatomy) -> MethodOutput:
+    name = target_layer(params, anatomy)
+    activations = token_features_to_map(captures.layers[name], anatomy)
+    gradients = token_features_to_map(captures.layer_grads[name], anatomy)
+    grads_2 = gradients.pow(2)
+    grads_3 = grads_2 * gradients
+    activation_sums = activations.sum(dim=(2, 3), keepdim=True)
+    alphas = grads_2 / (2 * grads_2 + activation_sums * grads_3 + EPS)
+    alphas = torch.where(gradients != 0, alphas, torch.zeros_like(alphas))
+    weights = (torch.relu(gradients) * alphas).sum(dim=(2, 3), keepdim=True)
+    return MethodOutput(maps=torch.relu((weights * activations).sum(dim=1)))

@@ -1,0 +1,37 @@
+"""Input x gradient (Shrikumar et al. 2016): the input pixels times the target logit's gradient."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
+from service.explain.input_attribution import (
+    ATTRIBUTION_REDUCE_DESCRIPTION,
+    INPUT_RESOLUTION_NOTE,
+    AttributionReduce,
+    reduce_attribution,
+)
+from service.explain.registry import MethodOutput, register_method
+
+
+class InputXGradientParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reduce: AttributionReduce = Field(default="sum", description=ATTRIBUTION_REDUCE_DESCRIPTION)
+
+
+@register_method(
+    name="input_x_gradient",
+    description="Input x gradient: the (normalised) input times d(target logit)/d(input), reduced over the colour "
+    "channels (signed sum by default)." + INPUT_RESOLUTION_NOTE,
+    families=("vit", "cnn"),
+    class_specific=True,
+    params_model=InputXGradientParams,
+    needs=lambda params, anatomy: CaptureNeeds(input_grad=True),
+    relative_cost=2.5,
+    cost_note="Shares the batch's forward pass and one backward pass per target (down to the pixels) with the other "
+    "gradient methods.",
+)
+def input_x_gradient(captures: CaptureBatch, params: InputXGradientParams, anatomy: ModelAnatomy) -> MethodOutput:
+    assert captures.input_grads is not None
+    return MethodOutput(maps=reduce_attribution(captures.pixels * captures.input_grads, params.reduce))

@@ -1,0 +1,37 @@
+"""Saliency (Simonyan et al. 2014): the magnitude of the target logit's gradient with respect to the input pixels."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
+from service.explain.input_attribution import (
+    INPUT_RESOLUTION_NOTE,
+    MAGNITUDE_REDUCE_DESCRIPTION,
+    MagnitudeReduce,
+    reduce_magnitude,
+)
+from service.explain.registry import MethodOutput, register_method
+
+
+class SaliencyParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reduce: MagnitudeReduce = Field(default="max", description=MAGNITUDE_REDUCE_DESCRIPTION)
+
+
+@register_method(
+    name="saliency",
+    description="Saliency (vanilla gradient): |d(target logit)/d(input pixel)|, reduced over the colour channels."
+    + INPUT_RESOLUTION_NOTE,
+    families=("vit", "cnn"),
+    class_specific=True,
+    params_model=SaliencyParams,
+    needs=lambda params, anatomy: CaptureNeeds(input_grad=True),
+    relative_cost=2.5,
+    cost_note="Shares the batch's forward pass and one backward pass per target (down to the pixels) with the other "
+    "gradient methods.",
+)
+def saliency(captures: CaptureBatch, params: SaliencyParams, anatomy: ModelAnatomy) -> MethodOutput:
+    assert captures.input_grads is not None
+    return MethodOutput(maps=reduce_magnitude(captures.input_grads, params.reduce))

@@ -1,0 +1,1 @@
+"""Feature visualization: activation-maximisation jobs (objectives, the optimiser, the job manager)."""

@@ -1,0 +1,267 @@
+"""Visualization jobs: a bounded set of asyncio tasks, each running its optimisation one step at a time.
+
+Every step is one call on the model's device worker thread (`loop.run_in_executor`), so prediction batches queued
+for that device run between steps: a job slows the queue by at most one step per active job, never more. Steps,
+the shape probe and the final forward pass all run on the worker thread; only the PNG encoding runs elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import math
+import uuid
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from api_schemas import ErrorDetail, JobProgress, JobStatus, VisualizationRequest, VisualizationResult
+from service.devices import DeviceWorkers
+from service.served_model import ServedModel
+from service.visualization.objective import Objective, ObjectiveError
+from service.visualization.optimizer import ActivationMaximizer, OptimizationSettings
+
+log = logging.getLogger(__name__)
+
+ACTIVE = ("queued", "running")
+
+
+class JobLimitError(RuntimeError):
+    """`max_jobs` jobs are queued or running already."""
+
+
+class JobsClosedError(RuntimeError):
+    """The server is shutting down and accepts no new jobs."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def encode_png(image: np.ndarray) -> str:
+    """base64 PNG of uint8 (H, W, C) pixels: RGB from the first 3 channels, grayscale for fewer."""
+    pil = Image.fromarray(np.ascontiguousarray(image[:, :, :3]) if image.shape[2] >= 3 else image[:, :, 0])
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@dataclass
+class Job:
+    """One job as the server holds it. Only the event loop changes it."""
+
+    id: str
+    model_id: str
+    params: VisualizationRequest
+    created_at: datetime = field(default_factory=_now)
+    status: str = "queued"
+    step: int = 0
+    objective: float | None = None
+    curve: list[float] = field(default_factory=list)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: ErrorDetail | None = None
+    result: VisualizationResult | None = None
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    def mark_running(self) -> None:
+        if self.status == "queued":
+            self.status = "running"
+            self.started_at = _now()
+
+    def record(self, value: float) -> None:
+        if self.active:
+            self.step += 1
+            self.objective = value
+            self.curve.append(value)
+
+    def finish(self, status: str, *, error: ErrorDetail | None = None,
+               result: VisualizationResult | None = None) -> None:
+        if self.active:
+            self.status = status
+            self.error = error
+            self.result = result
+            self.finished_at = _now()
+
+    def to_status(self, include_result: bool = True) -> JobStatus:
+        return JobStatus(
+            id=self.id,
+            model_id=self.model_id,
+            status=self.status,  # type: ignore[arg-type]
+            progress=JobProgress(step=self.step, total=self.params.steps, objective=self.objective),
+            params=self.params,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            error=self.error,
+            result=self.result if include_result else None,
+        )
+
+
+class JobManager:
+    """Creates, runs, cancels and retains visualization jobs."""
+
+    def __init__(self, workers: DeviceWorkers, encode_pool: Executor, max_jobs: int, max_finished_jobs: int) -> None:
+        self._workers = workers
+        self._encode_pool = encode_pool
+        self.max_jobs = max_jobs
+        self.max_finished_jobs = max_finished_jobs
+        self._jobs: dict[str, Job] = {}
+        self._shapes: dict[tuple[str, str | None, tuple[int, int]], tuple[int, ...]] = {}
+        self._closed = False
+
+    @property
+    def active_count(self) -> int:
+        return sum(1 for job in self._jobs.values() if job.active)
+
+    def check_capacity(self) -> None:
+        if self._closed:
+            raise JobsClosedError("the server is shutting down")
+        if self.active_count >= self.max_jobs:
+            raise JobLimitError(f"{self.max_jobs} visualization jobs are queued or running already (the limit); "
+                                "wait for one to finish or cancel one")
+
+    async def prepare(
+        self, served: ServedModel, request: VisualizationRequest
+    ) -> tuple[Objective, VisualizationRequest]:
+        """Validate the request against the model (a shape probe on the worker thread where needed).
+
+        Returns the objective and the request with its size filled in; raises ObjectiveError naming the field.
+        """
+        objective = Objective(request.objective)
+        names = frozenset(name for name, _ in served.module.named_modules() if name)
+        objective.check_static(names, served.num_classes)
+        default = (served.input_size[1], served.input_size[2])
+        size = (request.size[0], request.size[1]) if request.size is not None else default
+        if objective.layer is not None or size != default:
+            shape = await self._probe(served, objective, size, custom_size=size != default)
+            objective.check_output_shape(shape)
+        return objective, request.model_copy(update={"size": list(size)})
+
+    async def _probe(self, served: ServedModel, objective: Objective, size: tuple[int, int],
+                     custom_size: bool) -> tuple[int, ...]:
+        key = (served.id, objective.layer, size)
+        if key in self._shapes:
+            return self._shapes[key]
+
+        def probe() -> tuple[int, ...]:
+            x = torch.zeros((1, served.input_size[0], *size), device=served.device, dtype=served.dtype)
+            return objective.bind(served.module).probe(x)
+
+        try:
+            shape = await asyncio.get_running_loop().run_in_executor(self._workers.for_device(served.device), probe)
+        except ObjectiveError:
+            raise
+        except Exception as exc:
+            if not custom_size:
+                raise
+            raise ObjectiveError(
+                f"size: the model cannot take a {size[0]}x{size[1]} input ({type(exc).__name__}: {exc})"
+            ) from None
+        if len(self._shapes) > 256:
+            self._shapes.clear()
+        self._shapes[key] = shape
+        return shape
+
+    def start(self, served: ServedModel, objective: Objective, params: VisualizationRequest) -> Job:
+        """Create the job and its task; raises JobLimitError when `max_jobs` are active."""
+        self.check_capacity()
+        job = Job(id=uuid.uuid4().hex, model_id=served.id, params=params)
+        self._jobs[job.id] = job
+        job.task = asyncio.get_running_loop().create_task(self._run(job, served, objective),
+                                                          name=f"visualization-{job.id}")
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def jobs(self) -> Sequence[Job]:
+        return list(self._jobs.values())
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Cancel an active job (it stays listed as cancelled); forget a finished one. None when unknown."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        if not job.active:
+            del self._jobs[job_id]
+            return job
+        job.finish("cancelled")
+        if job.task is not None:
+            job.task.cancel()
+        self._evict()
+        return job
+
+    async def shutdown(self) -> None:
+        """Refuse new jobs, cancel active ones and wait for their tasks to end."""
+        self._closed = True
+        tasks = []
+        for job in self._jobs.values():
+            if job.active:
+                job.finish("cancelled", error=ErrorDetail(code="shutting_down", message="the server shut down"))
+            if job.task is not None and not job.task.done():
+                job.task.cancel()
+                tasks.append(job.task)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _evict(self) -> None:
+        finished = [job_id for job_id, job in self._jobs.items() if not job.active]
+        for job_id in finished[: max(0, len(finished) - self.max_finished_jobs)]:
+            del self._jobs[job_id]
+
+    async def _run(self, job: Job, served: ServedModel, objective: Objective) -> None:
+        loop = asyncio.get_running_loop()
+        executor = self._workers.for_device(served.device)
+        params = job.params
+        assert params.size is not None
+        channels = served.input_size[0]
+        mean, std = tuple(served.data_config["mean"]), tuple(served.data_config["std"])
+        if len(mean) != channels:
+            mean, std = (mean[0],) * channels, (std[0],) * channels
+        maximizer = ActivationMaximizer(
+            served.module, served.device, served.dtype, mean, std, objective,
+            OptimizationSettings(
+                steps=params.steps, lr=params.lr, l2_weight=params.l2_weight, tv_weight=params.tv_weight,
+                jitter=params.jitter, blur_every=params.blur_every, blur_sigma=params.blur_sigma, seed=params.seed,
+                height=params.size[0], width=params.size[1],
+            ),
+        )
+
+        def first_step() -> float:
+            loop.call_soon_threadsafe(job.mark_running)  # runs before this call's result is delivered
+            return maximizer.step()
+
+        try:
+            for index in range(params.steps):
+                value = await loop.run_in_executor(executor, first_step if index == 0 else maximizer.step)
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"the objective became {value} at step {index + 1}; try a smaller lr")
+                job.record(value)
+            image, final = await loop.run_in_executor(executor, maximizer.finish)
+            if not math.isfinite(final):
+                raise FloatingPointError(f"the final objective is {final}")
+            png = await loop.run_in_executor(self._encode_pool, encode_png, image)
+            job.finish("succeeded", result=VisualizationResult(
+                image_png=png, width=image.shape[1], height=image.shape[0], objective_curve=list(job.curve),
+                initial_objective=job.curve[0], final_objective=final,
+            ))
+            log.info("visualization job %s on %r succeeded (%d steps)", job.id, served.id, params.steps)
+        except asyncio.CancelledError:
+            job.finish("cancelled")
+        except Exception as exc:  # noqa: BLE001 - reported in the job's status
+            log.exception("visualization job %s on %r failed", job.id, served.id)
+            job.finish("failed", error=ErrorDetail(code="visualization_failed",
+                                                   message=f"{type(exc).__name__}: {exc}"))
+        finally:
+            self._evict()
