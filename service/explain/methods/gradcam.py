@@ -36,7 +36,7 @@ def check_target_layer(params: GradCamParams, anatomy: ModelAnatomy) -> None:
     class_specific=True,
     params_model=GradCamParams,
     needs=lambda params, anatomy: CaptureNeeds(layer_grads=frozenset({target_layer(params, anatomy)})),
-    relative_cost=2.5,
+    relative_cost=1.25,
     check=check_target_layer,
 )
 def gradcam(captures: CaptureBatch, params: GradCamParams, anatomy: ModelAnatomy) -> MethodOutput:
