@@ -28,6 +28,16 @@ def add_residual_and_normalise(attention: torch.Tensor) -> torch.Tensor:
     return mixed / mixed.sum(dim=-1, keepdim=True)
 
 
+def rollout_row(matrices: list[torch.Tensor], row: torch.Tensor) -> torch.Tensor:
+    """`row @ rollout_product(matrices)` as (B, N), for a row vector (N,) or one per image (B, N), computed as
+    vector-matrix products from the last layer down: N^2 work per layer instead of the full product's N^3
+    (197 times less for a 14 x 14-patch ViT)."""
+    vector = (row.expand(matrices[0].shape[0], -1) if row.ndim == 1 else row)[:, None, :]
+    for matrix in reversed(matrices):
+        vector = vector @ matrix
+    return vector[:, 0, :]
+
+
 def rollout_product(matrices: list[torch.Tensor]) -> torch.Tensor:
     """A_L @ ... @ A_1 for per-layer (B, N, N) matrices given first layer first."""
     result = matrices[0]

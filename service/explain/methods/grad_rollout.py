@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
 from service.explain.registry import MethodOutput, register_method
-from service.explain.rollout_math import add_residual_and_normalise, discard_lowest, rollout_product
+from service.explain.rollout_math import add_residual_and_normalise, discard_lowest, rollout_row
 from service.explain.tokens import (
     HeadFusion,
     check_class_token_attention,
@@ -59,5 +59,7 @@ def grad_rollout(captures: CaptureBatch, params: GradRolloutParams, anatomy: Mod
         ))
         for attention, grad in zip(captures.attentions[start:], captures.attention_grads[start:])
     ]
-    class_row = rollout_product(matrices)[:, 0, anatomy.num_prefix_tokens:]
+    class_token = torch.zeros(matrices[0].shape[-1], dtype=matrices[0].dtype, device=matrices[0].device)
+    class_token[0] = 1.0
+    class_row = rollout_row(matrices, class_token)[:, anatomy.num_prefix_tokens:]  # only that row is needed
     return MethodOutput(maps=patch_tokens_to_grid(class_row, anatomy))

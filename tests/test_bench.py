@@ -1,0 +1,221 @@
+"""`saliency-server bench`: the smoke run's report structure (not its timings), and the benchmark's helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from service.bench.cpu import CpuSnapshot, cpu_usage
+from service.bench.images import load_bench_image, multipart_body
+from service.bench.loadgen import percentile
+from service.bench.options import BenchOptions
+from service.bench.references import max_abs_difference, minmax, pytorch_grad_cam_scale, reduce_channels
+from service.bench.report import evaluate_targets, render_markdown
+from service.bench.runner import server_configuration, without_batching
+from service.cli import build_parser, main
+from service.explain.registry import all_methods
+
+SECTIONS = ("baseline", "predict", "explain_http", "explain_cost", "references", "targets")
+COMPARISONS = {"gradcam (vit)", "gradcam (cnn)", "rollout", "saliency", "integrated_gradients"}
+
+
+def numbers(value: Any, path: str = "") -> list[tuple[str, float]]:
+    """Every int and float in a JSON document, with where it is."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return []
+    if isinstance(value, (int, float)):
+        return [(path, float(value))]
+    if isinstance(value, dict):
+        return [n for k, v in value.items() for n in numbers(v, f"{path}.{k}")]
+    return [n for i, v in enumerate(value) for n in numbers(v, f"{path}[{i}]")]
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, str]:
+    out = tmp_path_factory.mktemp("bench")
+    json_path, md_path = out / "report.json", out / "report.md"
+    assert main(["bench", "--smoke", "--output-json", str(json_path), "--output-md", str(md_path)]) == 0
+    return json.loads(json_path.read_text()), md_path.read_text(), str(out)
+
+
+def test_smoke_report_has_every_section(smoke_report) -> None:
+    report, _, _ = smoke_report
+    assert report["smoke"] is True and report["schema_version"] == 1
+    assert report["command"].startswith("saliency-server bench") and report["command"].endswith("--smoke")
+    env = report["environment"]
+    assert env["versions"]["torch"] and env["versions"]["timm"] and env["device"] == "cpu" and env["cpu_cores"] >= 1
+    assert report["image"]["width"] > 0 and report["image"]["bytes"] > 0
+    assert report["server"]["startup_s"] > 0
+    assert report["settings"]["server_config"]["models"][1]["max_batch_size"] == 1  # the batching-off copy
+    (model,) = report["models"]
+    assert model["weights"]["random"] is True
+    for section in SECTIONS:
+        assert model[section], f"section {section} is empty"
+
+
+def test_smoke_report_numbers_are_finite(smoke_report) -> None:
+    report, _, _ = smoke_report
+    found = numbers(report)
+    assert found
+    bad = [(where, v) for where, v in found if not math.isfinite(v)]
+    assert not bad
+
+
+def test_smoke_predict_points_cover_batching_on_and_off(smoke_report) -> None:
+    report, _, _ = smoke_report
+    (model,) = report["models"]
+    points = {(p["mode"], p["concurrency"]): p for p in model["predict"]}
+    assert set(points) == {(mode, c) for mode in ("batching_on", "batching_off") for c in (1, 8, 32)}
+    for point in points.values():
+        assert point["requests_ok"] > 0 and not point["errors"], point
+        assert point["throughput_rps"] > 0
+        latency = point["latency_ms"]
+        assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"]
+        assert point["cpu"]["wall_s"] > 0
+    assert all(p["mean_batch_size"] == 1.0 for (mode, _), p in points.items() if mode == "batching_off")
+    assert model["baseline"]["images_per_s"] > 0
+    (explain,) = model["explain_http"]
+    assert explain["method"] == "raw_attention" and explain["requests_ok"] > 0 and not explain["errors"]
+
+
+def test_smoke_lists_every_registered_method(smoke_report) -> None:
+    report, markdown, _ = smoke_report
+    (model,) = report["models"]
+    rows = {row["method"]: row for row in model["explain_cost"]}
+    assert set(rows) == set(all_methods())
+    for name, row in rows.items():
+        assert row["status"] in ("ok", "not_applicable"), (name, row["note"])
+        assert f"| {name} |" in markdown
+        if row["status"] == "ok":
+            sizes = [b["batch_size"] for b in row["batches"]]
+            assert sizes == ([1] if row["registry_relative_cost"] > 50 else [1, 8])
+            assert all(b["cost_x_forward"] > 0 and b["forward_ms"] > 0 for b in row["batches"])
+    assert rows["rollout"]["status"] == "ok" and rows["raw_attention"]["status"] == "ok"
+
+
+def test_smoke_compares_with_the_references(smoke_report) -> None:
+    report, _, _ = smoke_report
+    (model,) = report["models"]
+    comparisons = {c["comparison"]: c for c in model["references"]}
+    assert {"gradcam (vit)", "gradcam (cnn)", "rollout"} <= set(comparisons) <= COMPARISONS
+    for name, comparison in comparisons.items():
+        if name in all_methods() or name in ("gradcam (vit)", "gradcam (cnn)", "rollout"):
+            assert comparison["status"] == "ok", comparison
+            assert comparison["speedup"] > 0 and comparison["max_abs_diff"] < 1e-3
+        else:
+            assert comparison["status"] == "skipped"
+
+
+def test_smoke_markdown_and_targets(smoke_report) -> None:
+    report, markdown, _ = smoke_report
+    for heading in ("In-process baseline", "/predict over HTTP", "/explain over HTTP", "Explanation cost",
+                    "Against reference implementations", "Targets", "smoke run"):
+        assert heading in markdown
+    (model,) = report["models"]
+    names = [t["target"] for t in model["targets"]]
+    assert any(n.startswith("/predict throughput at 32 clients") for n in names)
+    assert any(n.startswith("batching on / off at 32 clients") for n in names)
+    assert any(n.startswith("rollout cost") for n in names)
+    assert all(t["met"] in (True, False) for t in model["targets"])
+
+
+# --- helpers --------------------------------------------------------------------------------------------------------
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([], 50) is None
+    assert percentile([5.0], 99) == 5.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile(list(map(float, range(101))), 95) == pytest.approx(95.0)
+
+
+def test_cpu_usage_separates_the_processes_from_the_rest() -> None:
+    start = CpuSnapshot(wall=0.0, machine=100.0, steal=5.0, processes={"server": 10.0, "client": 1.0})
+    end = CpuSnapshot(wall=2.0, machine=103.0, steal=5.2, processes={"server": 11.5, "client": 1.5})
+    usage = cpu_usage(start, end)
+    assert usage["server_cores"] == 0.75 and usage["client_cores"] == 0.25
+    assert usage["other_cores"] == 0.5 and usage["client_share"] == 0.25 and usage["steal_cores"] == 0.1
+
+
+def test_server_configuration_from_a_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('port = 9999\nlog_level = "warning"\n[[models]]\nid = "a"\narchitecture = "test_resnet"\n'
+                      'weights = "random"\n[[models]]\nid = "b"\narchitecture = "test_resnet"\nweights = "random"\n')
+    server, models = server_configuration(BenchOptions(config=str(config), models=["b"], device="cpu"))
+    assert server == {"log_level": "warning", "device": "cpu"} and [m["id"] for m in models] == ["b"]
+    assert without_batching(models[0])["max_batch_size"] == 1
+    with pytest.raises(SystemExit, match="not in"):
+        server_configuration(BenchOptions(config=str(config), models=["zzz"]))
+    _, default = server_configuration(BenchOptions())
+    assert default == [{"id": "deit_tiny_patch16_224", "architecture": "deit_tiny_patch16_224", "weights": "random"}]
+
+
+def test_bench_options_from_the_command_line() -> None:
+    from service.bench.cli import options_from_args
+
+    args = build_parser().parse_args(["bench", "--models", "resnet18", "--duration-s", "3", "--concurrency", "1,4",
+                                      "--skip", "references", "--device", "cpu"])
+    options = options_from_args(args)
+    assert options.models == ["resnet18"] and options.duration_s == 3.0 and options.concurrency == [1, 4]
+    assert options.skip == {"references"} and options.smoke is False
+    assert options.command == ("saliency-server bench --models resnet18 --device cpu --duration-s 3 "
+                               "--concurrency 1,4 --skip references")
+    with pytest.raises(SystemExit):
+        options_from_args(build_parser().parse_args(["bench", "--skip", "nothing"]))
+
+
+def test_bench_image_falls_back_to_scikit_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no shared/images here
+    image = load_bench_image(None, search_root=tmp_path)
+    assert image.source.startswith("skimage") and image.size == (451, 300) and image.content_type == "image/png"
+    body, content_type = multipart_body(image, {"top_k": "3"})
+    assert content_type.startswith("multipart/form-data; boundary=") and image.data in body
+
+
+def test_comparison_helpers() -> None:
+    maps = torch.tensor([[[0.0, 2.0], [4.0, 8.0]]])
+    assert torch.allclose(minmax(maps), torch.tensor([[[0.0, 0.25], [0.5, 1.0]]]), atol=1e-6)
+    assert pytorch_grad_cam_scale(maps, (4, 4)).shape == (1, 4, 4)
+    assert max_abs_difference(maps, maps.numpy() + 0.5) == pytest.approx(0.5)
+    attributions = torch.tensor([[[[1.0]], [[-3.0]], [[2.0]]]])
+    assert reduce_channels(attributions, "max").item() == 3.0 and reduce_channels(attributions, "sum").item() == 0.0
+    with pytest.raises(ValueError):
+        reduce_channels(attributions, "median")
+
+
+def test_targets_and_markdown_from_a_synthetic_result() -> None:
+    point = {"requests_ok": 10, "errors": {}, "throughput_rps": 0.0, "latency_ms": {"p50": 1.0, "p95": 2.0, "p99": 3.0},
+             "mean_batch_size": 1.0, "cpu": {"wall_s": 1.0}}
+    result = {
+        "id": "m", "architecture": "a", "family": "vit", "device": "cpu", "dtype": "float32", "input_size": [3, 8, 8],
+        "max_batch_size": 32, "max_wait_ms": 5.0, "weights": {"random": True, "source": "random"},
+        "baseline": {"images_per_s": 100.0},
+        "predict": [dict(point, mode="batching_on", concurrency=32, throughput_rps=95.0),
+                    dict(point, mode="batching_off", concurrency=32, throughput_rps=50.0)],
+        "explain_http": [],
+        "explain_cost": [{"method": "rollout", "status": "ok", "note": None, "registry_relative_cost": 1.1,
+                          "batches": [{"batch_size": 32, "forward_ms": 10.0, "explain_ms_per_image": 0.36,
+                                       "cost_x_forward": 1.2}]}],
+        "references": [{"comparison": "rollout", "reference": "loop", "status": "ok", "speedup": 2.0,
+                        "max_abs_diff": 2e-4, "architecture": "a", "batch_size": 8, "ours_ms_per_image": 1.0,
+                        "reference_ms_per_image": 2.0, "note": None}],
+    }
+    targets = {t["target"]: t for t in evaluate_targets(result)}
+    assert targets["/predict throughput at 32 clients / in-process baseline"]["met"] is True
+    assert targets["batching on / off at 32 clients (cpu)"]["value"] == pytest.approx(1.9)
+    assert targets["rollout cost at batch 32 (x forward)"]["met"] is False
+    assert targets["rollout vs loop: speed-up"]["met"] is True
+    assert targets["rollout vs loop: max abs difference"]["met"] is False
+    result["targets"] = list(targets.values())
+    report = {"smoke": False, "environment": {"versions": {"torch": "x"}, "date": "d", "cpu_cores": 2, "cpu": "c",
+                                              "memory_gib": None, "gpu": None, "device": "cpu", "torch_threads": 2,
+                                              "python": "3", "git": None},
+              "command": "c", "image": {"source": "s", "width": 1, "height": 1, "bytes": 1, "content_type": "t"},
+              "settings": {"warmup_s": 1, "duration_s": 1, "requests": None}, "notes": [], "models": [result]}
+    markdown = render_markdown(report)
+    assert "**missed**" in markdown and "| rollout |" in markdown
