@@ -155,11 +155,12 @@ def _percent(share: float | None) -> str:
 def _other(cpu: dict[str, Any]) -> str:
     """Other programs' cores, and the hypervisor's (steal) when there was any."""
     stolen = cpu.get("steal_cores")
-    return _cores(cpu, "other") + (f" (+{_f(stolen, 2)} stolen)" if stolen else "")
+    return _cores(cpu, "other") + (f" (+{stolen:.2f} stolen)" if stolen and stolen >= 0.005 else "")
 
 
 def _cores(cpu: dict[str, Any], role: str) -> str:
-    return _f(cpu.get(f"{role}_cores"), 2)
+    value = cpu.get(f"{role}_cores")
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _baseline_lines(result: dict[str, Any]) -> list[str]:

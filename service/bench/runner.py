@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from service.bench import inprocess, references
 from service.bench.environment import environment
