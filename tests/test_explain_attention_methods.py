@@ -119,3 +119,21 @@ def test_predict_path_keeps_fused_attention_after_explaining() -> None:
     served = served_model(*VIT_VARIANTS["vit"])
     explain_direct(served, random_pixels(served, 2), ["rollout"])
     assert all(block.attn.fused_attn for block in served.module.blocks)
+
+
+@pytest.mark.parametrize("token", ["cls", "mean"])
+def test_raw_attention_discard_ratio_matches_a_re_derivation(token: str) -> None:
+    served = served_model(*VIT_VARIANTS["deit_distilled"])
+    pixels = random_pixels(served, 2, seed=5)
+    reference = independent_attentions(served, pixels)
+    prefix, grid = served.anatomy.num_prefix_tokens, served.anatomy.grid_size
+    outcomes = explain_direct(served, pixels, [{"name": "raw_attention",
+                                                "params": {"token": token, "discard_ratio": 0.6, "layer": 1}}])
+    for i, outcome in enumerate(outcomes):
+        fused = fuse(reference[1][i], "mean").copy()
+        n = fused.shape[0]
+        candidates = sorted((fused[r, c], r * n + c) for r in range(prefix, n) for c in range(prefix, n))
+        for _, flat in candidates[: int(n * n * 0.6)]:
+            fused[flat // n, flat % n] = 0.0
+        row = fused[0] if token == "cls" else fused.mean(axis=0)
+        np.testing.assert_allclose(outcome.methods[0].maps[0].numpy(), row[prefix:].reshape(grid), atol=1e-5)

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
 from service.explain.registry import MethodOutput, register_method
+from service.explain.rollout_math import discard_lowest
 from service.explain.tokens import (
     TOKEN_DESCRIPTION,
     HeadFusion,
@@ -25,6 +26,11 @@ class RawAttentionParams(BaseModel):
     layer: int = Field(default=-1, description="Block index; negative values count from the last block.")
     head_fusion: HeadFusion = Field(default="mean", description="How the heads are fused: mean, max or min.")
     token: TokenChoice = Field(default="cls", description=TOKEN_DESCRIPTION)
+    discard_ratio: float = Field(
+        default=0.0, ge=0.0, lt=1.0,
+        description="Fraction of the lowest entries of the fused matrix set to zero before the row is taken; "
+        "prefix-token rows and columns are never discarded, so it only changes `token: mean` maps.",
+    )
 
 
 def _check(params: RawAttentionParams, anatomy: ModelAnatomy) -> None:
@@ -45,4 +51,5 @@ def _check(params: RawAttentionParams, anatomy: ModelAnatomy) -> None:
 )
 def raw_attention(captures: CaptureBatch, params: RawAttentionParams, anatomy: ModelAnatomy) -> MethodOutput:
     attention = fuse_heads(captures.attentions[params.layer % anatomy.num_layers], params.head_fusion)
+    attention = discard_lowest(attention, params.discard_ratio, anatomy.num_prefix_tokens)
     return MethodOutput(maps=patch_tokens_to_grid(token_row(attention, params.token, anatomy), anatomy))
