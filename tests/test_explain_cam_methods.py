@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from pytorch_grad_cam import GradCAMPlusPlus, LayerCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from api_schemas import MethodSpec
 from service.errors import ApiError
@@ -15,7 +14,7 @@ from service.explain.method_requests import resolve_methods
 from service.explain.targets import TargetRequest
 from tests.explain_helpers import TINY, VIT_VARIANTS, explain_direct, random_pixels, served_model
 from tests.explain_method_helpers import small_model, stack_maps
-from tests.test_explain_gradcam import as_pytorch_grad_cam_scales
+from tests.test_explain_gradcam import as_pytorch_grad_cam_scales, reference_cam
 
 CNN = ("test_resnet", {"num_classes": 10})
 AVG_VIT = ("vit_tiny_patch16_224", dict(VIT_VARIANTS["vit"][1], global_pool="avg"))  # class token kept, fc_norm
@@ -29,25 +28,6 @@ def model_for(key: str, seed: int = 0):
     if key == "cnn":
         return small_model(*CNN, size=48, seed=seed)
     return served_model(*VIT_VARIANTS[key], seed=seed)
-
-
-def reference_cam(served, cam_class, pixels: torch.Tensor, targets: list[int], layer_name: str) -> np.ndarray:
-    model = served.module
-    layer = model.get_submodule(layer_name)
-    reshape = None
-    if served.family == "vit":
-        prefix, (rows, cols) = served.anatomy.num_prefix_tokens, served.anatomy.grid_size
-
-        def reshape(tensor: torch.Tensor) -> torch.Tensor:
-            patches = tensor[:, prefix:, :].reshape(tensor.size(0), rows, cols, tensor.size(2))
-            return patches.permute(0, 3, 1, 2)
-
-    model.requires_grad_(True)  # pytorch-grad-cam back-propagates into the parameters' graph
-    try:
-        with cam_class(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
-            return cam(input_tensor=pixels.clone(), targets=[ClassifierOutputTarget(t) for t in targets])
-    finally:
-        model.requires_grad_(False)
 
 
 @pytest.mark.parametrize("method,cam_class", [("gradcam_pp", GradCAMPlusPlus), ("layercam", LayerCAM)])

@@ -26,9 +26,10 @@ def as_pytorch_grad_cam_scales(maps: torch.Tensor, size: tuple[int, int]) -> np.
     return minmax(upsampled).numpy()
 
 
-def reference_gradcam(served, pixels: torch.Tensor, targets: list[int], layer_name: str) -> np.ndarray:
+def reference_cam(served, cam_class, pixels: torch.Tensor, targets: list[int], layer_name: str) -> np.ndarray:
+    """Maps of a pytorch-grad-cam CAM class (with its ViT reshape transform) at the input size."""
     model = served.module
-    layer = dict(model.named_modules())[layer_name]
+    layer = model.get_submodule(layer_name)
     reshape = None
     if served.family == "vit":
         prefix, (rows, cols) = served.anatomy.num_prefix_tokens, served.anatomy.grid_size
@@ -39,10 +40,14 @@ def reference_gradcam(served, pixels: torch.Tensor, targets: list[int], layer_na
 
     model.requires_grad_(True)  # pytorch-grad-cam back-propagates into the parameters' graph
     try:
-        with GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
+        with cam_class(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
             return cam(input_tensor=pixels.clone(), targets=[ClassifierOutputTarget(t) for t in targets])
     finally:
         model.requires_grad_(False)
+
+
+def reference_gradcam(served, pixels: torch.Tensor, targets: list[int], layer_name: str) -> np.ndarray:
+    return reference_cam(served, GradCAM, pixels, targets, layer_name)
 
 
 @pytest.mark.parametrize("model_key", ["cnn", "vit", "deit_distilled", "registers_nonsquare"])

@@ -24,6 +24,20 @@ def target_layer(params: GradCamParams, anatomy: ModelAnatomy) -> str:
     return params.target_layer or anatomy.feature_layer
 
 
+def gradient_cam_needs(params: GradCamParams, anatomy: ModelAnatomy) -> CaptureNeeds:
+    """What the Grad-CAM family records: the target layer's output and its gradient."""
+    return CaptureNeeds(layer_grads=frozenset({target_layer(params, anatomy)}))
+
+
+def activations_and_gradients(
+    captures: CaptureBatch, params: GradCamParams, anatomy: ModelAnatomy
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target layer's activations and gradients as (B, C, h, w) maps (ViT tokens reshaped to the grid)."""
+    name = target_layer(params, anatomy)
+    return (token_features_to_map(captures.layers[name], anatomy),
+            token_features_to_map(captures.layer_grads[name], anatomy))
+
+
 def check_target_layer(params: GradCamParams, anatomy: ModelAnatomy) -> None:
     if params.target_layer is not None and params.target_layer not in anatomy.module_names:
         raise ValueError(f"params.target_layer: the model has no module named {params.target_layer!r}")
@@ -35,13 +49,11 @@ def check_target_layer(params: GradCamParams, anatomy: ModelAnatomy) -> None:
     families=("vit", "cnn"),
     class_specific=True,
     params_model=GradCamParams,
-    needs=lambda params, anatomy: CaptureNeeds(layer_grads=frozenset({target_layer(params, anatomy)})),
+    needs=gradient_cam_needs,
     relative_cost=1.25,
     check=check_target_layer,
 )
 def gradcam(captures: CaptureBatch, params: GradCamParams, anatomy: ModelAnatomy) -> MethodOutput:
-    name = target_layer(params, anatomy)
-    activations = token_features_to_map(captures.layers[name], anatomy)
-    gradients = token_features_to_map(captures.layer_grads[name], anatomy)
+    activations, gradients = activations_and_gradients(captures, params, anatomy)
     weights = gradients.mean(dim=(2, 3), keepdim=True)
     return MethodOutput(maps=torch.relu((weights * activations).sum(dim=1)))

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
-from service.explain.methods.gradcam import GradCamParams, check_target_layer, target_layer
+from service.explain.captures import CaptureBatch, ModelAnatomy
+from service.explain.methods.gradcam import (
+    GradCamParams,
+    activations_and_gradients,
+    check_target_layer,
+    gradient_cam_needs,
+)
 from service.explain.registry import MethodOutput, register_method
-from service.explain.tokens import token_features_to_map
 
 EPS = 1e-6  # as pytorch-grad-cam
 
@@ -20,16 +24,14 @@ EPS = 1e-6  # as pytorch-grad-cam
     families=("vit", "cnn"),
     class_specific=True,
     params_model=GradCamParams,
-    needs=lambda params, anatomy: CaptureNeeds(layer_grads=frozenset({target_layer(params, anatomy)})),
+    needs=gradient_cam_needs,
     relative_cost=1.2,
     cost_note="Shares the batch's forward pass and one backward pass per target (only down to the target layer) with "
     "the other gradient methods.",
     check=check_target_layer,
 )
 def gradcam_pp(captures: CaptureBatch, params: GradCamParams, anatomy: ModelAnatomy) -> MethodOutput:
-    name = target_layer(params, anatomy)
-    activations = token_features_to_map(captures.layers[name], anatomy)
-    gradients = token_features_to_map(captures.layer_grads[name], anatomy)
+    activations, gradients = activations_and_gradients(captures, params, anatomy)
     grads_2 = gradients.pow(2)
     grads_3 = grads_2 * gradients
     activation_sums = activations.sum(dim=(2, 3), keepdim=True)

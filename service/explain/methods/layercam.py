@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
-from service.explain.methods.gradcam import GradCamParams, check_target_layer, target_layer
+from service.explain.captures import CaptureBatch, ModelAnatomy
+from service.explain.methods.gradcam import (
+    GradCamParams,
+    activations_and_gradients,
+    check_target_layer,
+    gradient_cam_needs,
+)
 from service.explain.registry import MethodOutput, register_method
-from service.explain.tokens import token_features_to_map
 
 
 @register_method(
@@ -17,14 +21,12 @@ from service.explain.tokens import token_features_to_map
     families=("vit", "cnn"),
     class_specific=True,
     params_model=GradCamParams,
-    needs=lambda params, anatomy: CaptureNeeds(layer_grads=frozenset({target_layer(params, anatomy)})),
+    needs=gradient_cam_needs,
     relative_cost=1.2,
     cost_note="Shares the batch's forward pass and one backward pass per target (only down to the target layer) with "
     "the other gradient methods.",
     check=check_target_layer,
 )
 def layercam(captures: CaptureBatch, params: GradCamParams, anatomy: ModelAnatomy) -> MethodOutput:
-    name = target_layer(params, anatomy)
-    activations = token_features_to_map(captures.layers[name], anatomy)
-    gradients = token_features_to_map(captures.layer_grads[name], anatomy)
+    activations, gradients = activations_and_gradients(captures, params, anatomy)
     return MethodOutput(maps=torch.relu((torch.relu(gradients) * activations).sum(dim=1)))
