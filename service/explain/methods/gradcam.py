@@ -24,6 +24,12 @@ def target_layer(params: GradCamParams, anatomy: ModelAnatomy) -> str:
     return params.target_layer or anatomy.feature_layer
 
 
+GRADIENT_CAM_COST_NOTE = (
+    "Shares the batch's forward pass and one backward pass per target (only down to the target layer) with the "
+    "other gradient methods."
+)
+
+
 def gradient_cam_needs(params: GradCamParams, anatomy: ModelAnatomy) -> CaptureNeeds:
     """What the Grad-CAM family records: the target layer's output and its gradient."""
     return CaptureNeeds(layer_grads=frozenset({target_layer(params, anatomy)}))
@@ -51,6 +57,7 @@ def check_target_layer(params: GradCamParams, anatomy: ModelAnatomy) -> None:
     params_model=GradCamParams,
     needs=gradient_cam_needs,
     relative_cost=1.25,
+    cost_note=GRADIENT_CAM_COST_NOTE,
     check=check_target_layer,
 )
 def gradcam(captures: CaptureBatch, params: GradCamParams, anatomy: ModelAnatomy) -> MethodOutput:

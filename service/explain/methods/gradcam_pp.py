@@ -7,6 +7,7 @@ import torch
 
 from service.explain.captures import CaptureBatch, ModelAnatomy
 from service.explain.methods.gradcam import (
+    GRADIENT_CAM_COST_NOTE,
     GradCamParams,
     activations_and_gradients,
     check_target_layer,
@@ -26,8 +27,7 @@ EPS = 1e-6  # as pytorch-grad-cam
     params_model=GradCamParams,
     needs=gradient_cam_needs,
     relative_cost=1.2,
-    cost_note="Shares the batch's forward pass and one backward pass per target (only down to the target layer) with "
-    "the other gradient methods.",
+    cost_note=GRADIENT_CAM_COST_NOTE,
     check=check_target_layer,
 )
 def gradcam_pp(captures: CaptureBatch, params: GradCamParams, anatomy: ModelAnatomy) -> MethodOutput:

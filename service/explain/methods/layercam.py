@@ -6,6 +6,7 @@ import torch
 
 from service.explain.captures import CaptureBatch, ModelAnatomy
 from service.explain.methods.gradcam import (
+    GRADIENT_CAM_COST_NOTE,
     GradCamParams,
     activations_and_gradients,
     check_target_layer,
@@ -23,8 +24,7 @@ from service.explain.registry import MethodOutput, register_method
     params_model=GradCamParams,
     needs=gradient_cam_needs,
     relative_cost=1.2,
-    cost_note="Shares the batch's forward pass and one backward pass per target (only down to the target layer) with "
-    "the other gradient methods.",
+    cost_note=GRADIENT_CAM_COST_NOTE,
     check=check_target_layer,
 )
 def layercam(captures: CaptureBatch, params: GradCamParams, anatomy: ModelAnatomy) -> MethodOutput:
