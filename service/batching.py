@@ -1,4 +1,10 @@
-"""A bounded async queue per model whose consumer forms batches and runs them on the device's worker thread."""
+"""A bounded async queue per model whose consumer forms batches and runs them on the device's lanes.
+
+The consumer takes the first waiting request, waits for a free lane of the device (shared with the other models on
+it), then adds whatever else is waiting, up to `max_batch_size` or until `max_wait_ms` after the first request,
+and starts the batch without waiting for it to finish: with two CPU lanes the next batch forms and runs while the
+previous one is still computing.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +23,37 @@ R = TypeVar("R")
 # Processes the payloads of one batch and returns one result per payload, in order. A result that is an
 # exception instance fails only its own item. Raising fails the batch, which is then retried item by item.
 BatchProcessor = Callable[[Sequence[P]], Sequence[Any]]
+
+
+class Lanes(Protocol):
+    """Worker threads that run one batch each at a time (`service.devices.DeviceLanes`)."""
+
+    async def acquire(self) -> int: ...
+
+    def release(self, index: int) -> None: ...
+
+    def executor(self, index: int) -> Executor: ...
+
+
+class SingleLane:
+    """One executor as a single lane (tests, and callers without device lanes)."""
+
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+        self._free: asyncio.Lock | None = None
+
+    async def acquire(self) -> int:
+        if self._free is None:
+            self._free = asyncio.Lock()
+        await self._free.acquire()
+        return 0
+
+    def release(self, index: int) -> None:
+        assert self._free is not None
+        self._free.release()
+
+    def executor(self, index: int) -> Executor:
+        return self._executor
 
 
 class QueueFullError(RuntimeError):
@@ -65,7 +102,7 @@ class BatchQueue(Generic[P, R]):
         self,
         name: str,
         process: BatchProcessor,
-        executor: Executor,
+        lanes: Lanes | Executor,
         *,
         max_batch_size: int,
         max_wait_ms: float,
@@ -75,19 +112,22 @@ class BatchQueue(Generic[P, R]):
     ) -> None:
         self.name = name
         self._process = process
-        self._executor = executor
+        self._lanes: Lanes = SingleLane(lanes) if isinstance(lanes, Executor) else lanes
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.timeout_s = timeout_s
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._held = 0  # taken off the queue by the consumer, waiting for a free lane
         self._on_batch = on_batch
         self._consumer: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
         self._closed = False
 
     @property
     def depth(self) -> int:
         """Requests waiting to be batched."""
-        return self._queue.qsize()
+        return self._queue.qsize() + self._held
 
     def start(self) -> None:
         if self._consumer is None:
@@ -98,13 +138,10 @@ class BatchQueue(Generic[P, R]):
         if self._closed:
             raise QueueClosedError(f"model {self.name!r} is shutting down")
         loop = asyncio.get_running_loop()
+        if self.depth >= self.queue_size:
+            raise QueueFullError(f"model {self.name!r} has {self.queue_size} requests waiting already")
         pending = _Pending(payload, loop.create_future(), time.perf_counter())
-        try:
-            self._queue.put_nowait(pending)
-        except asyncio.QueueFull:
-            raise QueueFullError(
-                f"model {self.name!r} has {self._queue.maxsize} requests waiting already"
-            ) from None
+        self._queue.put_nowait(pending)
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
             async with asyncio.timeout(timeout):
@@ -122,6 +159,8 @@ class BatchQueue(Generic[P, R]):
         """Stop accepting work, answer everything already accepted, then stop the consumer."""
         self._closed = True
         await self._queue.join()
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
         if self._consumer is not None:
             self._consumer.cancel()
             try:
@@ -130,8 +169,7 @@ class BatchQueue(Generic[P, R]):
                 pass
             self._consumer = None
 
-    async def _collect(self) -> list[_Pending]:
-        first = await self._queue.get()
+    async def _collect(self, first: _Pending) -> list[_Pending]:
         batch = [first]
         deadline = first.enqueued_at + self.max_wait_s
         while len(batch) < self.max_batch_size:
@@ -151,25 +189,44 @@ class BatchQueue(Generic[P, R]):
     async def _consume(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._collect()
+            first = await self._queue.get()
+            self._held = 1
             try:
-                live = [p for p in batch if not p.future.done()]
-                if live:
-                    started = time.perf_counter()
-                    outcomes = await loop.run_in_executor(self._executor, self._run_batch, [p.payload for p in live])
-                    compute_s = time.perf_counter() - started
-                    self._deliver(live, outcomes, started, compute_s)
-            except Exception:  # noqa: BLE001 - the consumer must survive anything
-                log.exception("batch queue %r: unexpected failure", self.name)
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(RuntimeError("internal error while batching"))
+                lane = await self._lanes.acquire()
             finally:
-                for _ in batch:
-                    self._queue.task_done()
+                self._held = 0
+            try:
+                batch = await self._collect(first)
+            except BaseException:
+                self._lanes.release(lane)
+                self._queue.task_done()
+                raise
+            task = loop.create_task(self._run_on(lane, batch), name=f"batch-{self.name}")
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run_on(self, lane: int, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            live = [p for p in batch if not p.future.done()]
+            if live:
+                started = time.perf_counter()
+                outcomes = await loop.run_in_executor(self._lanes.executor(lane), self._run_batch,
+                                                      [p.payload for p in live])
+                compute_s = time.perf_counter() - started
+                self._deliver(live, outcomes, started, compute_s)
+        except Exception:  # noqa: BLE001 - a batch must always answer its items
+            log.exception("batch queue %r: unexpected failure", self.name)
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(RuntimeError("internal error while batching"))
+        finally:
+            self._lanes.release(lane)
+            for _ in batch:
+                self._queue.task_done()
 
     def _run_batch(self, payloads: list[Any]) -> list[Any]:
-        """Runs on the device worker thread. A failed batch is retried item by item."""
+        """Runs on a lane's thread. A failed batch is retried item by item."""
         try:
             outcomes = list(self._process(payloads))
             if len(outcomes) != len(payloads):

@@ -75,6 +75,12 @@ class ServerSettings(BaseSettings):
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="Largest decoded image (width x height).")
     max_map_side: int = Field(default=1024, ge=8, le=8192, description="Longest side of original-space maps.")
     decode_threads: int = Field(default=4, ge=1, description="Threads that decode and preprocess images.")
+    cpu_workers: int | None = Field(
+        default=None, ge=1, le=64,
+        description="Batches that run at once on a CPU device, each on its own thread with its own replica of the "
+                    "model (sharing the weights); torch's threads are split between the busy ones. Default: 2 with "
+                    "2 or more cores, else 1. A GPU runs one batch at a time.",
+    )
     max_jobs: int = Field(default=4, ge=1, le=1024, description="Most visualization jobs queued or running at once.")
     max_finished_jobs: int = Field(
         default=64, ge=0, le=100_000, description="Finished visualization jobs kept (with results); oldest evicted."

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ from torch import nn
 
 from service.config import ModelConfig, ServerSettings
 from service.explain.captures import ModelAnatomy, analyse_model
-from service.devices import resolve_device, resolve_dtype
+from service.devices import current_lane, resolve_device, resolve_dtype
 from service.labels import load_labels
 from service.weights import WeightsOutcome, create_model_with_weights
 
@@ -29,13 +31,23 @@ def model_family(module: nn.Module) -> str:
     return "cnn"
 
 
+def replicate(module: nn.Module) -> nn.Module:
+    """A copy of the module that shares its parameters and buffers (its own hooks and attribute flags)."""
+    shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, shared)
+
+
 @dataclass
 class ServedModel:
-    """One model as the server holds it."""
+    """One model as the server holds it.
+
+    `module` is the network as loaded, or, on a device lane other than the first, that lane's replica of it: batches
+    running at once on a CPU's lanes each install their own capture hooks and attention switches.
+    """
 
     id: str
     architecture: str
-    module: nn.Module
+    network: nn.Module
     weights: WeightsOutcome
     labels: list[str]
     data_config: dict[str, Any]
@@ -47,13 +59,25 @@ class ServedModel:
     anatomy: ModelAnatomy = field(init=False)
     ready: bool = False
     failure: str | None = None  # why the model can never become ready (its warm-up failed)
+    replicas: list[nn.Module] = field(init=False)  # one per lane; the first is `network` itself
 
     def __post_init__(self) -> None:
-        self.module.eval().requires_grad_(False)
-        self.module.to(device=self.device, dtype=self.dtype)
+        self.network.eval().requires_grad_(False)
+        self.network.to(device=self.device, dtype=self.dtype)
+        self.replicas = [self.network]
         self.transform = create_transform(**self.data_config, is_training=False)
-        self.family = model_family(self.module)
-        self.anatomy = analyse_model(self.module, self.family, self.input_size)
+        self.family = model_family(self.network)
+        self.anatomy = analyse_model(self.network, self.family, self.input_size)
+
+    @property
+    def module(self) -> nn.Module:
+        """The network for the calling thread: its lane's replica (the network itself off the lanes)."""
+        lane = current_lane()
+        return self.replicas[lane] if lane < len(self.replicas) else self.network
+
+    def replicate(self, count: int) -> None:
+        """Have one replica per lane, `count` in all (before the lanes run anything)."""
+        self.replicas = [self.network] + [replicate(self.network) for _ in range(count - 1)]
 
     @property
     def input_size(self) -> tuple[int, int, int]:
@@ -74,15 +98,18 @@ class ServedModel:
         logits = self.module(batch)
         return logits.float().softmax(dim=-1).cpu()
 
-    def warm_up(self) -> None:
-        """Forward passes at the batch sizes the queue will form, so no client pays for first-call set-up."""
+    def warm_up(self, mark_ready: bool = True) -> None:
+        """Forward passes at the batch sizes the queue will form, so no client pays for first-call set-up.
+
+        Run on each lane (it warms that lane's replica and thread); `mark_ready=False` leaves marking to the caller.
+        """
         sizes = self.config.warmup_batch_sizes or sorted({1, self.config.max_batch_size})
         start = time.perf_counter()
         for size in sizes:
             self.predict_probabilities(torch.zeros((size, *self.input_size)))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.ready = True
+        self.ready = self.ready or mark_ready
         log.info("model %r warm (batch sizes %s) in %.2fs", self.id, sizes, time.perf_counter() - start)
 
 
@@ -106,7 +133,7 @@ def load_served_model(config: ModelConfig, settings: ServerSettings) -> ServedMo
     served = ServedModel(
         id=config.id,
         architecture=config.architecture,
-        module=module,
+        network=module,
         weights=weights,
         labels=labels,
         data_config=data_config,

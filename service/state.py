@@ -28,13 +28,14 @@ class ServiceState:
     settings: ServerSettings
     models: dict[str, ServedModel]
     metrics: Metrics = field(default_factory=Metrics)
-    workers: DeviceWorkers = field(default_factory=DeviceWorkers)
+    workers: DeviceWorkers = field(init=False)
     queues: dict[str, BatchQueue] = field(default_factory=dict)
     decode_pool: ThreadPoolExecutor = field(init=False)
     jobs: JobManager = field(init=False)  # visualization jobs
     warmup_task: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
+        self.workers = DeviceWorkers(self.settings.cpu_workers)
         self.decode_pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode",
                                               initializer=use_one_thread)
         self.jobs = JobManager(self.workers, self.decode_pool, self.settings.max_jobs, self.settings.max_finished_jobs)
@@ -47,10 +48,12 @@ class ServiceState:
         """Create and start one batch queue per model."""
         for served in self.models.values():
             cfg = served.config
+            lanes = self.workers.lanes(served.device)
+            served.replicate(lanes.count)
             queue: BatchQueue = BatchQueue(
                 served.id,
                 make_batch_processor(served),
-                self.workers.for_device(served.device),
+                lanes,
                 max_batch_size=cfg.max_batch_size,
                 max_wait_ms=cfg.max_wait_ms,
                 queue_size=cfg.queue_size,
@@ -64,11 +67,14 @@ class ServiceState:
             self.metrics.model_ready.labels(served.id).set(0)
 
     async def warm_up(self) -> None:
-        """Warm every model on its device worker (serialised with any batch already running there)."""
+        """Warm every model on each lane of its device (each lane runs its own replica)."""
         loop = asyncio.get_running_loop()
         for served in self.models.values():
+            lanes = self.workers.lanes(served.device)
             try:
-                await loop.run_in_executor(self.workers.for_device(served.device), served.warm_up)
+                await asyncio.gather(*(loop.run_in_executor(executor, served.warm_up, False)
+                                       for executor in lanes.executors))
+                served.ready = True
             except Exception as exc:  # noqa: BLE001
                 log.exception("model %r failed its warm-up: it stays not ready", served.id)
                 served.failure = f"warm-up failed: {type(exc).__name__}: {exc}"

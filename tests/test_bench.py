@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from service.bench.cpu import CpuSnapshot, cpu_usage
 from service.bench.images import load_bench_image, multipart_body
-from service.bench.loadgen import percentile
+from service.bench.loadgen import Connection, encode_request, percentile
 from service.bench.options import BenchOptions
 from service.bench.references import max_abs_difference, minmax, pytorch_grad_cam_scale, reduce_channels
 from service.bench.report import evaluate_targets, render_markdown
@@ -132,6 +133,55 @@ def test_percentile_interpolates() -> None:
     assert percentile([5.0], 99) == 5.0
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert percentile(list(map(float, range(101))), 95) == pytest.approx(95.0)
+
+
+def test_load_generator_connection_keeps_alive_reconnects_after_close_and_refuses_chunked() -> None:
+    received: list[bytes] = []
+    answers = [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 7\r\n\r\n{\"a\":1}",
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\nConnection: close\r\n\r\nno",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    ]
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while answers:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                received.append(head + await reader.readexactly(length))
+                answer = answers.pop(0)
+                writer.write(answer)
+                await writer.drain()
+                if b"close" in answer:
+                    break
+        except asyncio.IncompleteReadError:
+            pass
+        writer.close()
+
+    async def scenario() -> list[Any]:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        request = encode_request("127.0.0.1", port, "/v1/x", "image/png", b"\x89PNG")
+        connection = Connection("127.0.0.1", port, request, timeout_s=5.0)
+        outcomes: list[Any] = [await connection.send(), await connection.send()]
+        try:
+            await connection.send()
+        except ValueError as exc:
+            outcomes.append(str(exc))
+        connection.close()
+        server.close()
+        await server.wait_closed()
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    assert outcomes[0] == (200, b'{"a":1}') and outcomes[1] == (503, b"no")
+    assert "chunked" in outcomes[2]
+    assert connections == 2  # the second answer said close: the third request went on a new connection
+    assert all(r.startswith(b"POST /v1/x HTTP/1.1\r\n") and r.endswith(b"\r\n\r\n\x89PNG") for r in received)
+    assert b"Content-Length: 4\r\n" in received[0]
 
 
 def test_cpu_usage_separates_the_processes_from_the_rest() -> None:

@@ -47,7 +47,7 @@ def gated_models(**config_overrides) -> tuple[dict[str, ServedModel], GatedModul
     settings = settings_for(tiny_vit_config(**config_overrides))
     served = load_models(settings)["tiny_vit"]
     gated = GatedModule(served.module)
-    served.module = gated
+    served.network = gated
     return {"tiny_vit": served}, gated
 
 
@@ -106,7 +106,7 @@ async def test_concurrent_clients_get_their_own_answers_and_are_batched() -> Non
 
 async def test_queue_full_gives_503_with_retry_after() -> None:
     models, gated = gated_models(max_batch_size=1, queue_size=2, max_wait_ms=0.0)
-    async with running_app(settings_for(models["tiny_vit"].config), models) as (client, app):
+    async with running_app(settings_for(models["tiny_vit"].config, cpu_workers=1), models) as (client, app):
         gated.gate.clear()
         data = png_bytes(random_image(1))
         queue = app.state.service.queues["tiny_vit"]
@@ -127,7 +127,7 @@ async def test_queue_full_gives_503_with_retry_after() -> None:
 
 async def test_request_waiting_past_its_timeout_gets_504() -> None:
     models, gated = gated_models(max_batch_size=1, timeout_s=0.3, max_wait_ms=0.0)
-    async with running_app(settings_for(models["tiny_vit"].config), models) as (client, _):
+    async with running_app(settings_for(models["tiny_vit"].config, cpu_workers=1), models) as (client, _):
         gated.gate.clear()
         response = await post_image(client, png_bytes(random_image(2)))
         gated.gate.set()
@@ -137,7 +137,7 @@ async def test_request_waiting_past_its_timeout_gets_504() -> None:
 
 async def test_one_bad_item_does_not_fail_its_batch_mates() -> None:
     models, gated = gated_models(max_batch_size=4, max_wait_ms=10_000.0)  # the batch forms when all 4 arrived
-    async with running_app(settings_for(models["tiny_vit"].config), models) as (client, _):
+    async with running_app(settings_for(models["tiny_vit"].config, cpu_workers=1), models) as (client, _):
         gated.calls.clear()
         good = [png_bytes(random_image(seed)) for seed in range(3)]
         bright = png_bytes(random_image(0) * 0 + 255)  # all white: mean 1.0 after normalisation
@@ -154,12 +154,12 @@ async def test_readiness_before_and_after_warm_up() -> None:
     release = threading.Event()
     original_warm_up = served.warm_up
 
-    def slow_warm_up() -> None:
+    def slow_warm_up(*args: object) -> None:
         release.wait(30)
-        original_warm_up()
+        original_warm_up(*args)
 
     served.warm_up = slow_warm_up  # type: ignore[method-assign]
-    async with running_app(settings_for(served.config), models, wait_ready=False) as (client, _):
+    async with running_app(settings_for(served.config, cpu_workers=1), models, wait_ready=False) as (client, _):
         not_ready = await client.get("/readyz")
         health = await client.get("/healthz")
         early = await post_image(client, png_bytes(random_image(3)))
@@ -200,11 +200,11 @@ async def test_a_model_whose_warm_up_fails_answers_503_model_unavailable() -> No
     models, _ = gated_models()
     served = models["tiny_vit"]
 
-    def broken_warm_up() -> None:
+    def broken_warm_up(*args: object) -> None:
         raise RuntimeError("out of memory")
 
     served.warm_up = broken_warm_up  # type: ignore[method-assign]
-    async with running_app(settings_for(served.config), models, wait_ready=False) as (client, app):
+    async with running_app(settings_for(served.config, cpu_workers=1), models, wait_ready=False) as (client, app):
         await app.state.service.warmup_task
         ready = await client.get("/readyz")
         response = await post_image(client, png_bytes(random_image(3)))

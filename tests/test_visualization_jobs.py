@@ -303,7 +303,7 @@ class ExplodingUnderGrad(nn.Module):
 async def test_a_failing_step_fails_the_job_and_not_the_server() -> None:
     settings = settings_for(tiny_vit_config())
     models = load_models(settings)
-    models["tiny_vit"].module = ExplodingUnderGrad(models["tiny_vit"].module)
+    models["tiny_vit"].network = ExplodingUnderGrad(models["tiny_vit"].network)
     async with running_app(settings, models) as (client, _):
         job_id = (await start_job(client, {"objective": CLASS_3, "steps": 5})).json()["id"]
         status = await wait_job(client, job_id, finished)

@@ -13,7 +13,7 @@ import torch
 
 from service.bench.cpu import cpu_count
 
-PACKAGES = ("torch", "timm", "numpy", "pillow", "fastapi", "starlette", "uvicorn", "httpx", "grad-cam", "captum")
+PACKAGES = ("torch", "timm", "numpy", "pillow", "fastapi", "starlette", "uvicorn", "grad-cam", "captum")
 
 
 def _version(package: str) -> str | None:

@@ -1,8 +1,11 @@
 """A closed-loop HTTP load generator, run as its own process: `python -m service.bench.loadgen SPEC RESULT`.
 
-Each of `concurrency` clients sends the same pre-encoded request again as soon as its previous answer arrives
-(httpx.AsyncClient, one keep-alive connection per client). Requests completing during the warm-up are not counted;
-the measurement window then lasts `duration_s` or until `max_requests` successful answers, whichever comes first.
+Each of `concurrency` clients sends the same pre-encoded request again as soon as its previous answer arrives,
+over its own keep-alive connection. The client is a minimal HTTP/1.1 one on asyncio streams (`Connection`): the
+request bytes are built once, and an answer costs a status-line parse and a Content-Length read, so the load
+generator takes little of the CPU it shares with the server (httpx took 2.4 ms of CPU per request here, this
+0.1-0.3 ms). Requests completing during the warm-up are not counted; the measurement window then lasts
+`duration_s` or until `max_requests` successful answers, whichever comes first.
 The CPU used by the server, by this process and by the rest of the machine over the window is recorded.
 
 Imports neither torch nor the server, so it stays light next to the server it measures.
@@ -17,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from service.bench.cpu import cpu_usage, snapshot
 
@@ -31,6 +35,62 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection that sends a fixed request and reads answers with a Content-Length."""
+
+    def __init__(self, host: str, port: int, request: bytes, timeout_s: float) -> None:
+        self.host, self.port, self.request, self.timeout_s = host, port, request, timeout_s
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def _open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def _exchange(self) -> tuple[int, bytes, bool]:
+        if self.writer is None:
+            await self._open()
+        assert self.reader is not None and self.writer is not None
+        self.writer.write(self.request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        length, keep_alive = None, True
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"connection" and value.strip().lower() == b"close":
+                keep_alive = False
+            elif name == b"transfer-encoding":
+                raise ValueError(f"unsupported transfer-encoding {value.strip().decode()!r}")
+        if length is None:
+            raise ValueError("answer without a Content-Length")
+        return status, await self.reader.readexactly(length), keep_alive
+
+    async def send(self) -> tuple[int, bytes]:
+        """The status and body of one answer; the connection is reopened after an error or a `close`."""
+        try:
+            status, body, keep_alive = await asyncio.wait_for(self._exchange(), self.timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        if not keep_alive:
+            self.close()
+        return status, body
+
+
+def encode_request(host: str, port: int, path: str, content_type: str, body: bytes) -> bytes:
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nAccept: application/json\r\n\r\n")
+    return head.encode("latin-1") + body
+
+
 @dataclass
 class _Window:
     measuring: bool = False
@@ -41,38 +101,42 @@ class _Window:
     first_error: str | None = None
 
 
-async def _run_point(client: Any, point: dict[str, Any], server_pid: int | None, timeout_s: float) -> dict[str, Any]:
-    body = Path(point["body_file"]).read_bytes()
-    headers = {"content-type": point["content_type"]}
+async def _run_point(base_url: str, point: dict[str, Any], server_pid: int | None, timeout_s: float) -> dict[str, Any]:
+    url = urlsplit(base_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    request = encode_request(host, port, point["path"], point["content_type"], Path(point["body_file"]).read_bytes())
     concurrency = int(point["concurrency"])
     max_requests = point.get("max_requests")
     window = _Window()
     stop = False
 
     async def one_client() -> None:
-        while not stop:
-            started = time.perf_counter()
-            try:
-                response = await client.post(point["path"], content=body, headers=headers)
-                status = str(response.status_code)
-                content = response.content
-            except Exception as exc:  # noqa: BLE001 - reported, not fatal
-                status, content = type(exc).__name__, str(exc).encode()
-            elapsed_ms = (time.perf_counter() - started) * 1000.0
-            if not window.measuring or stop:
-                continue
-            if status == "200":
-                window.latencies_ms.append(elapsed_ms)
+        connection = Connection(host, port, request, timeout_s)
+        try:
+            while not stop:
+                started = time.perf_counter()
                 try:
-                    window.batch_sizes.append(int(json.loads(content)["timings"]["batch_size"]))
-                except (ValueError, KeyError, TypeError):
-                    pass
-                if max_requests is not None and len(window.latencies_ms) >= max_requests:
-                    window.done.set()
-            else:
-                window.errors[status] = window.errors.get(status, 0) + 1
-                if window.first_error is None:
-                    window.first_error = f"{status}: {content[:300].decode(errors='replace')}"
+                    code, content = await connection.send()
+                    status = str(code)
+                except Exception as exc:  # noqa: BLE001 - reported, not fatal
+                    status, content = type(exc).__name__, str(exc).encode()
+                elapsed_ms = (time.perf_counter() - started) * 1000.0
+                if not window.measuring or stop:
+                    continue
+                if status == "200":
+                    window.latencies_ms.append(elapsed_ms)
+                    try:
+                        window.batch_sizes.append(int(json.loads(content)["timings"]["batch_size"]))
+                    except (ValueError, KeyError, TypeError):
+                        pass
+                    if max_requests is not None and len(window.latencies_ms) >= max_requests:
+                        window.done.set()
+                else:
+                    window.errors[status] = window.errors.get(status, 0) + 1
+                    if window.first_error is None:
+                        window.first_error = f"{status}: {content[:300].decode(errors='replace')}"
+        finally:
+            connection.close()
 
     pids = {"server": server_pid, "client": None}
     tasks = [asyncio.create_task(one_client()) for _ in range(concurrency)]
@@ -118,16 +182,8 @@ async def _run_point(client: Any, point: dict[str, Any], server_pid: int | None,
 
 
 async def run_points(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    import httpx
-
-    results = []
     timeout_s = float(spec.get("timeout_s", 120.0))
-    for point in spec["points"]:
-        concurrency = int(point["concurrency"])
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with httpx.AsyncClient(base_url=spec["base_url"], limits=limits, timeout=timeout_s) as client:
-            results.append(await _run_point(client, point, spec.get("server_pid"), timeout_s))
-    return results
+    return [await _run_point(spec["base_url"], point, spec.get("server_pid"), timeout_s) for point in spec["points"]]
 
 
 def main(argv: list[str]) -> int:

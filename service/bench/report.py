@@ -275,7 +275,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{report['image']['bytes']} bytes, {report['image']['content_type']}), sent as a multipart upload",
         f"- Load points: {report['settings']['warmup_s']:g} s warm-up, then {report['settings']['duration_s']:g} s"
         + (f" or {report['settings']['requests']} requests" if report['settings']['requests'] else "")
-        + "; closed-loop clients in a separate process (httpx, keep-alive). CPU columns are cores in use "
+        + "; closed-loop clients in a separate process (a minimal HTTP/1.1 client on asyncio, keep-alive). CPU columns are cores in use "
         "(CPU seconds per second): the server, the load generator, and other programs on the machine.",
     ]
     if report.get("server"):
@@ -289,7 +289,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"#### {result['id']} ({result['architecture']}, {result['family']}, {result['device']}, "
             f"{result['dtype']}, input {'x'.join(map(str, result['input_size'][1:]))}, weights "
             f"{'RANDOM' if weights['random'] else weights['source']}, max_batch_size {result['max_batch_size']}, "
-            f"max_wait_ms {result['max_wait_ms']:g})",
+            f"max_wait_ms {result['max_wait_ms']:g}, lanes {result.get('lanes', 1)})",
         ]
         lines += _baseline_lines(result)
         if result["predict"]:

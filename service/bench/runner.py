@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import subprocess
@@ -20,6 +19,7 @@ from service.bench.options import DEFAULT_MODEL, SMOKE_MODEL, SMOKE_REFERENCE_CN
 from service.bench.report import analyse_cpu, evaluate_targets, render_markdown
 from service.bench.server import ServerProcess, write_config
 from service.config import ModelConfig, ServerSettings, read_config_file
+from service.devices import default_cpu_lanes
 from service.served_model import ServedModel
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,8 @@ def measure_inprocess(served: ServedModel, image: BenchImage, options: BenchOpti
         result["references"] = comparisons
 
 
-def _model_result(model: dict[str, Any], served: ServedModel) -> dict[str, Any]:
+def _model_result(model: dict[str, Any], served: ServedModel, server_keys: dict[str, Any]) -> dict[str, Any]:
+    lanes = (server_keys.get("cpu_workers") or default_cpu_lanes()) if served.device.type == "cpu" else 1
     return {
         "id": model["id"],
         "architecture": served.architecture,
@@ -170,6 +171,7 @@ def _model_result(model: dict[str, Any], served: ServedModel) -> dict[str, Any]:
         "input_size": list(served.input_size),
         "max_batch_size": served.config.max_batch_size,
         "max_wait_ms": served.config.max_wait_ms,
+        "lanes": lanes,
         "baseline": {},
         "predict": [],
         "explain_http": [],
@@ -182,8 +184,6 @@ def _model_result(model: dict[str, Any], served: ServedModel) -> dict[str, Any]:
 
 def run_benchmark(options: BenchOptions) -> dict[str, Any]:
     started = time.perf_counter()
-    if not {"predict", "explain_http"} <= options.skip and importlib.util.find_spec("httpx") is None:
-        raise SystemExit("the load generator needs httpx: pip install -e '.[bench]'")
     server_keys, models = server_configuration(options)
     image = load_bench_image(options.image, REPO_ROOT)
     settings = ServerSettings.model_validate({**server_keys, "models": models})
@@ -207,7 +207,7 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
             "server_config": {**server_keys, "models": models + [without_batching(m) for m in models]},
         },
         "server": {},
-        "models": [_model_result(m, s) for m, s in zip(models, served_models)],
+        "models": [_model_result(m, s, server_keys) for m, s in zip(models, served_models)],
         "notes": [],
     }
     if any(s.weights.random for s in served_models):

@@ -1,0 +1,137 @@
+"""CPU lanes: two batches at once, each on its own thread with its own model replica and a share of the threads."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from service.batching import BatchQueue
+from service.devices import DeviceLanes, current_lane
+from service.image_decoding import decode_image
+from tests.helpers import load_models, png_bytes, random_image, running_app, settings_for, tiny_vit_config
+
+pytestmark = pytest.mark.anyio
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def lanes():
+    pool = DeviceLanes(CPU, 2, threads=2)
+    yield pool
+    pool.shutdown()
+
+
+def test_a_call_gets_the_threads_divided_by_the_busy_lanes_and_knows_its_lane(lanes) -> None:
+    started, finish = threading.Event(), threading.Event()
+
+    def first() -> tuple[int, int]:
+        started.set()
+        finish.wait(10)
+        return current_lane(), torch.get_num_threads()
+
+    running = lanes.executor(0).submit(first)
+    assert started.wait(10)
+    second = lanes.executor(1).submit(lambda: (current_lane(), torch.get_num_threads())).result(10)
+    finish.set()
+    assert running.result(10) == (0, 2)  # alone when it started
+    assert second == (1, 1)  # two lanes busy: 2 threads // 2
+    assert lanes.executor(1).submit(lambda: torch.get_num_threads()).result(10) == 2  # alone again
+    assert current_lane() == 0  # off the lanes
+
+
+async def test_the_lane_freed_last_is_handed_out_first_and_a_third_caller_waits(lanes) -> None:
+    first = await lanes.acquire()
+    lanes.release(first)
+    assert await lanes.acquire() == first == 0
+    second = await lanes.acquire()
+    waiting = asyncio.ensure_future(lanes.acquire())
+    await asyncio.sleep(0.05)
+    assert second == 1 and not waiting.done()
+    lanes.release(second)
+    assert await asyncio.wait_for(waiting, 5) == 1
+
+
+async def test_a_queue_runs_two_batches_at_once_on_two_lanes(lanes) -> None:
+    # Each batch waits for another one to be running: with a single lane this would time out.
+    two_running = threading.Barrier(2, timeout=10)
+
+    def process(items):
+        two_running.wait()
+        return [(item, current_lane()) for item in items]
+
+    queue = BatchQueue("two", process, lanes, max_batch_size=1, max_wait_ms=0.0, queue_size=8, timeout_s=20.0)
+    queue.start()
+    results = await asyncio.gather(queue.submit("a"), queue.submit("b"))
+    await queue.close()
+    assert [r.value[0] for r in results] == ["a", "b"]
+    assert sorted(r.value[1] for r in results) == [0, 1]
+
+
+def test_replicas_share_the_weights_but_not_hooks_or_switches() -> None:
+    served = load_models(settings_for(tiny_vit_config()))["tiny_vit"]
+    served.replicate(2)
+    original, replica = served.replicas
+    assert original is served.network and replica is not original
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(original.parameters(), replica.parameters()))
+    calls: list[str] = []
+    replica.register_forward_hook(lambda *_: calls.append("replica"))
+    replica.blocks[0].attn.fused_attn = not original.blocks[0].attn.fused_attn
+    with torch.inference_mode():
+        original(torch.zeros(1, 3, 32, 32))
+    assert calls == []
+    pool = DeviceLanes(CPU, 2)
+    try:
+        modules = [pool.executor(i).submit(lambda: served.module).result(10) for i in range(2)]
+    finally:
+        pool.shutdown()
+    assert modules[0] is original and modules[1] is replica
+    assert served.module is original  # off the lanes
+
+
+async def test_an_explanation_and_a_prediction_running_at_once_do_not_mix() -> None:
+    """raw_attention hooks and switches its replica's attention while a prediction runs the other replica."""
+    settings = settings_for(tiny_vit_config(max_batch_size=1, max_wait_ms=0.0), cpu_workers=2)
+    models = load_models(settings)
+    served = models["tiny_vit"]
+    predict_image, explain_image = png_bytes(random_image(21)), png_bytes(random_image(22))
+    async with running_app(settings, models) as (client, _):
+        explain_fields = {"methods": json.dumps(["raw_attention"]), "output": json.dumps({"format": ["raw"]})}
+        solo = (await client.post("/v1/models/tiny_vit/explain", files={"file": ("x.png", explain_image)},
+                                  data=explain_fields)).json()
+        both_lanes = threading.Barrier(2, timeout=20)
+
+        def wait_for_the_other_lane(*_: object) -> None:
+            both_lanes.wait()
+
+        handles = [replica.register_forward_pre_hook(wait_for_the_other_lane) for replica in served.replicas]
+        try:
+            predicted, explained = await asyncio.gather(
+                client.post("/v1/models/tiny_vit/predict", files={"file": ("x.png", predict_image)},
+                            data={"top_k": "10"}),
+                client.post("/v1/models/tiny_vit/explain", files={"file": ("x.png", explain_image)},
+                            data=explain_fields),
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert predicted.status_code == 200 and explained.status_code == 200, (predicted.text, explained.text)
+    pixels = served.preprocess(decode_image(predict_image, settings.max_image_pixels)).unsqueeze(0)
+    with torch.inference_mode():
+        expected = served.network(pixels).softmax(-1)[0]
+    got = torch.zeros(10)
+    for p in predicted.json()["predictions"]:
+        got[p["index"]] = p["probability"]
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+    def raw(body: dict) -> np.ndarray:
+        rendered = body["explanations"][0]["results"][0]["map"]["raw"]
+        return np.frombuffer(base64.b64decode(rendered["data"]), dtype="<f4")
+
+    np.testing.assert_allclose(raw(explained.json()), raw(solo), atol=1e-6)
