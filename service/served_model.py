@@ -77,7 +77,11 @@ class ServedModel:
 
     def replicate(self, count: int) -> None:
         """Have one replica per lane, `count` in all (before the lanes run anything)."""
-        self.replicas = [self.network] + [replicate(self.network) for _ in range(count - 1)]
+        try:
+            self.replicas = [self.network] + [replicate(self.network) for _ in range(count - 1)]
+        except Exception as exc:  # noqa: BLE001 - named, with the way out
+            raise RuntimeError(f"model {self.id!r} cannot be copied for {count} CPU lanes ({type(exc).__name__}: "
+                               f"{exc}); set cpu_workers = 1 to serve it") from exc
 
     @property
     def input_size(self) -> tuple[int, int, int]:

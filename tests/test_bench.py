@@ -19,6 +19,7 @@ from service.bench.references import max_abs_difference, minmax, pytorch_grad_ca
 from service.bench.report import evaluate_targets, render_markdown
 from service.bench.runner import server_configuration, without_batching
 from service.cli import build_parser, main
+from service.devices import default_cpu_lanes
 from service.explain.registry import all_methods
 
 SECTIONS = ("baseline", "predict", "explain_http", "explain_cost", "references", "targets")
@@ -57,6 +58,11 @@ def test_smoke_report_has_every_section(smoke_report) -> None:
     assert model["weights"]["random"] is True
     for section in SECTIONS:
         assert model[section], f"section {section} is empty"
+    assert model["lanes"] == (default_cpu_lanes() if env["device"] == "cpu" else 1)
+    if model["lanes"] > 1:  # the server's lane configuration, measured in process beside the baseline
+        lanes = model["baseline"]["lanes"]
+        assert lanes["lanes"] == model["lanes"] and lanes["batch_size"] == 8 // model["lanes"]
+        assert lanes["images_per_s"] > 0
 
 
 def test_smoke_report_numbers_are_finite(smoke_report) -> None:

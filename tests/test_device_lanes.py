@@ -135,3 +135,12 @@ async def test_an_explanation_and_a_prediction_running_at_once_do_not_mix() -> N
         return np.frombuffer(base64.b64decode(rendered["data"]), dtype="<f4")
 
     np.testing.assert_allclose(raw(explained.json()), raw(solo), atol=1e-6)
+
+
+def test_a_model_that_cannot_be_copied_names_itself_and_the_setting() -> None:
+    served = load_models(settings_for(tiny_vit_config()))["tiny_vit"]
+    served.network.lock = threading.Lock()  # deepcopy cannot copy a lock
+    with pytest.raises(RuntimeError, match=r"'tiny_vit' cannot be copied for 2 CPU lanes .*cpu_workers = 1"):
+        served.replicate(2)
+    served.replicate(1)  # one lane needs no copy
+    assert served.replicas == [served.network]

@@ -4,6 +4,8 @@ as a multiple of one forward pass at the same batch size."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 import torch
@@ -12,6 +14,7 @@ from service.bench.cpu import cpu_usage, snapshot
 from service.bench.images import BenchImage
 from service.bench.timing import interleaved, median, spread
 from service.config import ModelConfig, ServerSettings
+from service.devices import DeviceLanes
 from service.errors import ApiError
 from service.explain.method_requests import resolve_methods
 from service.explain.pipeline import ExplainJob, run_explain_batch
@@ -83,6 +86,39 @@ def baseline_throughput(served: ServedModel, image: BenchImage, batch: int, budg
         "spread": spread(durations),
         "cpu": usage,
     }
+
+
+def lanes_throughput(served: ServedModel, image: BenchImage, lanes: int, batch: int, budget_s: float) -> dict[str, Any]:
+    """Images per second with the server's CPU lanes: `lanes` threads each running forward passes at batch `batch`
+    on its own replica, torch's threads split between them as the server does (no HTTP, no queue)."""
+    pixels = photo_pixels(served, image, batch)
+    pool = DeviceLanes(served.device, lanes)
+    served.replicate(lanes)
+    window: dict[str, Any] = {}
+
+    def open_window() -> None:  # once every lane is warm
+        window["start"], window["started"] = snapshot({"bench": None}), time.perf_counter()
+        window["deadline"] = window["started"] + budget_s
+
+    all_warm = threading.Barrier(lanes, action=open_window)
+
+    def run() -> int:
+        served.predict_probabilities(pixels)  # this lane's warm-up
+        all_warm.wait()
+        passes = 0
+        while time.perf_counter() < window["deadline"]:
+            served.predict_probabilities(pixels)
+            passes += 1
+        return passes
+
+    try:
+        passes = sum(f.result() for f in [pool.executor(i).submit(run) for i in range(lanes)])
+        wall = time.perf_counter() - window["started"]
+        usage = cpu_usage(window["start"], snapshot({"bench": None}))
+    finally:
+        pool.shutdown()
+        served.replicate(1)
+    return {"lanes": lanes, "batch_size": batch, "images_per_s": passes * batch / wall, "cpu": usage}
 
 
 def input_pipeline(served: ServedModel, image: BenchImage, budget_s: float) -> dict[str, Any]:

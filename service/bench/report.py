@@ -174,9 +174,15 @@ def _baseline_lines(result: dict[str, Any]) -> list[str]:
             rows.append([when + (" the HTTP runs" if "after" in baseline else ""), str(b["batch_size"]),
                          _f(b["batch_ms"]), _f(b["images_per_s"]), _percent(b["spread"]),
                          _other(b["cpu"])])
-    return (["", f"**In-process baseline** (forward pass at the batch cap, no HTTP, no queue): "
-             f"**{_f(baseline.get('images_per_s'))} img/s**", ""]
-            + _table(["when", "batch", "ms / batch", "img/s", "spread", "other programs (cores)"], rows))
+    lines = (["", f"**In-process baseline** (forward pass at the batch cap, no HTTP, no queue): "
+              f"**{_f(baseline.get('images_per_s'))} img/s**", ""]
+             + _table(["when", "batch", "ms / batch", "img/s", "spread", "other programs (cores)"], rows))
+    lanes = baseline.get("lanes")
+    if lanes:
+        lines += ["", f"For comparison, not a target: in process with the server's {lanes['lanes']} CPU lanes (passes "
+                      f"at batch {lanes['batch_size']} on each at once, torch's threads split between them, no "
+                      f"HTTP): {_f(lanes['images_per_s'])} img/s (other programs: {_other(lanes['cpu'])} cores)."]
+    return lines
 
 
 def _load_rows(points: list[dict[str, Any]], label: str) -> list[list[str]]:

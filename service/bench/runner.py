@@ -124,6 +124,11 @@ def measure_http(
             served, image, served.config.max_batch_size, options.baseline_s)
         rates = [result["baseline"][k]["images_per_s"] for k in ("before", "after")]
         result["baseline"]["images_per_s"] = sum(rates) / len(rates)
+        if result["lanes"] > 1:
+            batch = max(1, served.config.max_batch_size // result["lanes"])
+            _progress(f"{model_id}: in process with the server's {result['lanes']} lanes at batch {batch} each")
+            result["baseline"]["lanes"] = inprocess.lanes_throughput(served, image, result["lanes"], batch,
+                                                                     options.baseline_s)
 
     if "explain_http" not in options.skip:
         method = options.explain_http_method or ("raw_attention" if served.family == "vit" else "gradcam")
