@@ -1,9 +1,9 @@
 """A bounded async queue per model whose consumer forms batches and runs them on the device's lanes.
 
 The consumer takes the first waiting request, waits for a free lane of the device (shared with the other models on
-it), then adds whatever else is waiting, up to `max_batch_size` or until `max_wait_ms` after the first request,
-and starts the batch without waiting for it to finish: with two CPU lanes the next batch forms and runs while the
-previous one is still computing.
+it), then adds whatever else is waiting, up to `max_batch_size` (divided by the device's lane count, rounded up)
+or until `max_wait_ms` after the first request, and starts the batch without waiting for it to finish: with two
+CPU lanes the next batch forms and runs while the previous one is still computing.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ BatchProcessor = Callable[[Sequence[P]], Sequence[Any]]
 class Lanes(Protocol):
     """Worker threads that run one batch each at a time (`service.devices.DeviceLanes`)."""
 
+    @property
+    def count(self) -> int: ...
+
     async def acquire(self) -> int: ...
 
     def release(self, index: int) -> None: ...
@@ -37,6 +40,8 @@ class Lanes(Protocol):
 
 class SingleLane:
     """One executor as a single lane (tests, and callers without device lanes)."""
+
+    count = 1
 
     def __init__(self, executor: Executor) -> None:
         self._executor = executor
@@ -114,6 +119,9 @@ class BatchQueue(Generic[P, R]):
         self._process = process
         self._lanes: Lanes = SingleLane(lanes) if isinstance(lanes, Executor) else lanes
         self.max_batch_size = max_batch_size
+        # With N lanes a batch takes at most 1/N of the cap: under load the requests in flight are shared evenly
+        # between the lanes instead of one lane getting a large batch (long waits) and the other a small one.
+        self.batch_cap = -(-max_batch_size // self._lanes.count)
         self.max_wait_s = max_wait_ms / 1000.0
         self.timeout_s = timeout_s
         self.queue_size = queue_size
@@ -172,7 +180,7 @@ class BatchQueue(Generic[P, R]):
     async def _collect(self, first: _Pending) -> list[_Pending]:
         batch = [first]
         deadline = first.enqueued_at + self.max_wait_s
-        while len(batch) < self.max_batch_size:
+        while len(batch) < self.batch_cap:
             if not self._queue.empty():
                 batch.append(self._queue.get_nowait())
                 continue

@@ -144,3 +144,25 @@ def test_a_model_that_cannot_be_copied_names_itself_and_the_setting() -> None:
         served.replicate(2)
     served.replicate(1)  # one lane needs no copy
     assert served.replicas == [served.network]
+
+
+async def test_with_two_lanes_a_batch_takes_at_most_half_the_cap(lanes) -> None:
+    sizes: list[int] = []
+    gate = threading.Event()
+
+    def process(items):
+        gate.wait(10)
+        sizes.append(len(items))
+        return list(items)
+
+    queue = BatchQueue("halves", process, lanes, max_batch_size=5, max_wait_ms=10_000.0, queue_size=16,
+                       timeout_s=20.0)
+    assert queue.batch_cap == 3
+    queue.start()
+    pending = [asyncio.ensure_future(queue.submit(i)) for i in range(6)]
+    await asyncio.sleep(0.1)
+    gate.set()
+    results = await asyncio.gather(*pending)
+    await queue.close()
+    assert [r.value for r in results] == list(range(6))
+    assert sorted(sizes) == [3, 3]

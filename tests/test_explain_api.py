@@ -27,11 +27,13 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 async def app_client():
-    # vit_pair and vit_trio form a batch exactly when 2 or 3 requests have arrived, however slow the machine is.
+    # vit_pair and vit_trio form a batch exactly when 2 or 3 requests have arrived, however slow the machine is
+    # (one lane: with two, each batch would take at most half the cap; tests/test_device_lanes.py covers lanes).
     settings = settings_for(
         tiny_vit_config(max_wait_ms=20.0), tiny_cnn_config(),
         tiny_vit_config("vit_pair", max_batch_size=2, max_wait_ms=10_000.0),
         tiny_vit_config("vit_trio", max_batch_size=3, max_wait_ms=10_000.0),
+        cpu_workers=1,
     )
     models = load_models(settings)
     async with running_app(settings, models) as (client, _):
