@@ -19,7 +19,9 @@ class WeightsInfo(BaseModel):
 class BatchingInfo(BaseModel):
     """The model's request-batching settings."""
 
-    max_batch_size: int = Field(description="Largest batch the queue consumer forms; 1 turns batching off.")
+    max_batch_size: int = Field(description="The configured batch cap; 1 turns batching off.")
+    lanes: int = Field(description="Batches of the device that run at once (CPU lanes; 1 on a GPU).")
+    batch_cap: int = Field(description="Largest batch actually formed: max_batch_size divided by lanes, rounded up.")
     max_wait_ms: float = Field(description="How long the consumer waits for more requests after the first.")
     queue_size: int = Field(description="Requests that may wait in the queue before new ones get 503.")
     timeout_s: float = Field(description="How long a request may wait for its result before it gets 504.")

@@ -38,6 +38,12 @@ class Lanes(Protocol):
     def executor(self, index: int) -> Executor: ...
 
 
+def lane_batch_cap(max_batch_size: int, lanes: int) -> int:
+    """The largest batch formed with `lanes` lanes: the cap divided by the lanes, rounded up. Under load the requests
+    in flight are then shared evenly instead of one lane getting a large batch (long waits) and another a small one."""
+    return -(-max_batch_size // lanes)
+
+
 class SingleLane:
     """One executor as a single lane (tests, and callers without device lanes)."""
 
@@ -119,9 +125,7 @@ class BatchQueue(Generic[P, R]):
         self._process = process
         self._lanes: Lanes = SingleLane(lanes) if isinstance(lanes, Executor) else lanes
         self.max_batch_size = max_batch_size
-        # With N lanes a batch takes at most 1/N of the cap: under load the requests in flight are shared evenly
-        # between the lanes instead of one lane getting a large batch (long waits) and the other a small one.
-        self.batch_cap = -(-max_batch_size // self._lanes.count)
+        self.batch_cap = lane_batch_cap(max_batch_size, self._lanes.count)
         self.max_wait_s = max_wait_ms / 1000.0
         self.timeout_s = timeout_s
         self.queue_size = queue_size

@@ -114,7 +114,8 @@ class ServedModel:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.ready = self.ready or mark_ready
-        log.info("model %r warm (batch sizes %s) in %.2fs", self.id, sizes, time.perf_counter() - start)
+        log.info("model %r warm on lane %d (batch sizes %s) in %.2fs", self.id, current_lane(), sizes,
+                 time.perf_counter() - start)
 
 
 def model_data_config(module: nn.Module, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

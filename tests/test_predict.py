@@ -11,6 +11,7 @@ from torch import nn
 
 from service.image_decoding import decode_image
 from service.served_model import ServedModel
+from service.devices import default_cpu_lanes
 from tests.helpers import load_models, png_bytes, random_image, running_app, settings_for, tiny_vit_config
 
 pytestmark = pytest.mark.anyio
@@ -191,7 +192,9 @@ async def test_models_endpoint_describes_each_model() -> None:
     assert model["weights"]["random"] is True
     assert model["input_size"] == [3, 32, 32] and model["num_classes"] == 10
     assert model["device"] == "cpu" and model["dtype"] == "float32" and model["ready"] is True
-    assert model["batching"] == {"max_batch_size": 4, "max_wait_ms": 20.0, "queue_size": 9, "timeout_s": 7.0}
+    lanes = default_cpu_lanes()
+    assert model["batching"] == {"max_batch_size": 4, "lanes": lanes, "batch_cap": -(-4 // lanes),
+                                 "max_wait_ms": 20.0, "queue_size": 9, "timeout_s": 7.0}
     assert model["preprocessing"]["input_size"] == [3, 32, 32]
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 

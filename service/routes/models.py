@@ -3,6 +3,7 @@
 from fastapi import APIRouter, Depends
 
 from api_schemas import BatchingInfo, ModelInfo, ModelListResponse, WeightsInfo
+from service.batching import lane_batch_cap
 from service.dependencies import get_model, get_state
 from service.errors import error_responses
 from service.served_model import ServedModel
@@ -28,8 +29,9 @@ def model_info(served: ServedModel) -> ModelInfo:
         dtype=str(served.dtype).removeprefix("torch."),
         ready=served.ready,
         batching=BatchingInfo(
-            max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms, queue_size=cfg.queue_size,
-            timeout_s=cfg.timeout_s,
+            max_batch_size=cfg.max_batch_size, lanes=len(served.replicas),
+            batch_cap=lane_batch_cap(cfg.max_batch_size, len(served.replicas)), max_wait_ms=cfg.max_wait_ms,
+            queue_size=cfg.queue_size, timeout_s=cfg.timeout_s,
         ),
         preprocessing={k: list(v) if isinstance(v, tuple) else v for k, v in served.data_config.items()},
     )
