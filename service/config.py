@@ -49,7 +49,8 @@ class ModelConfig(BaseModel):
         description="Most images per internal forward pass of perturbation methods (samples, steps, masks).",
     )
     warmup_batch_sizes: list[int] | None = Field(
-        default=None, description="Batch sizes to warm up with; default: 1 and max_batch_size."
+        default=None, description="Batch sizes to warm up with; default: 1 and the batch cap (max_batch_size divided "
+                                  "by the lanes of the device, rounded up)."
     )
 
     @field_validator("weights")

@@ -14,6 +14,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
+from service.batching import lane_batch_cap
 from service.config import ModelConfig, ServerSettings
 from service.explain.captures import ModelAnatomy, analyse_model
 from service.devices import current_lane, resolve_device, resolve_dtype
@@ -107,7 +108,8 @@ class ServedModel:
 
         Run on each lane (it warms that lane's replica and thread); `mark_ready=False` leaves marking to the caller.
         """
-        sizes = self.config.warmup_batch_sizes or sorted({1, self.config.max_batch_size})
+        sizes = self.config.warmup_batch_sizes or sorted({1, lane_batch_cap(self.config.max_batch_size,
+                                                                            len(self.replicas))})
         start = time.perf_counter()
         for size in sizes:
             self.predict_probabilities(torch.zeros((size, *self.input_size)))

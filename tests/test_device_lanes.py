@@ -166,3 +166,12 @@ async def test_with_two_lanes_a_batch_takes_at_most_half_the_cap(lanes) -> None:
     await queue.close()
     assert [r.value for r in results] == list(range(6))
     assert sorted(sizes) == [3, 3]
+
+
+def test_warm_up_runs_batch_1_and_the_lane_batch_cap() -> None:
+    served = load_models(settings_for(tiny_vit_config(max_batch_size=8)))["tiny_vit"]
+    sizes: list[int] = []
+    served.network.register_forward_pre_hook(lambda _module, args: sizes.append(args[0].shape[0]))
+    served.replicate(2)
+    served.warm_up()
+    assert sizes == [1, 4] and served.ready
