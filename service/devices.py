@@ -49,6 +49,11 @@ def default_cpu_lanes() -> int:
     return 2 if COMPUTE_THREADS >= 2 else 1
 
 
+def lane_count(device: torch.device, cpu_workers: int | None) -> int:
+    """How many lanes the device gets: `cpu_workers` (default `default_cpu_lanes()`) on a CPU, one on a GPU."""
+    return (cpu_workers or default_cpu_lanes()) if device.type == "cpu" else 1
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` means cuda when available, else cpu; anything else is passed to torch.device."""
     if name == "auto":
@@ -136,14 +141,14 @@ class DeviceLanes:
 class DeviceWorkers:
     """The lanes of every device in use, created on first use."""
 
-    def __init__(self, cpu_lanes: int | None = None) -> None:
-        self.cpu_lanes = cpu_lanes or default_cpu_lanes()
+    def __init__(self, cpu_workers: int | None = None) -> None:
+        self.cpu_workers = cpu_workers
         self._lanes: dict[str, DeviceLanes] = {}
 
     def lanes(self, device: torch.device) -> DeviceLanes:
         key = str(device)
         if key not in self._lanes:
-            self._lanes[key] = DeviceLanes(device, self.cpu_lanes if device.type == "cpu" else 1)
+            self._lanes[key] = DeviceLanes(device, lane_count(device, self.cpu_workers))
         return self._lanes[key]
 
     def for_device(self, device: torch.device) -> ThreadPoolExecutor:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from service.batching import BatchQueue
-from service.devices import DeviceLanes, current_lane
+from service.devices import DeviceLanes, current_lane, default_cpu_lanes, lane_count
 from service.image_decoding import decode_image
 from tests.helpers import load_models, png_bytes, random_image, running_app, settings_for, tiny_vit_config
 
@@ -175,3 +175,8 @@ def test_warm_up_runs_batch_1_and_the_lane_batch_cap() -> None:
     served.replicate(2)
     served.warm_up()
     assert sizes == [1, 4] and served.ready
+
+
+def test_a_cpu_gets_cpu_workers_lanes_and_a_gpu_one() -> None:
+    assert lane_count(CPU, 3) == 3 and lane_count(CPU, None) == default_cpu_lanes()
+    assert lane_count(torch.device("cuda:0"), 3) == 1

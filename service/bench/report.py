@@ -281,8 +281,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{report['image']['bytes']} bytes, {report['image']['content_type']}), sent as a multipart upload",
         f"- Load points: {report['settings']['warmup_s']:g} s warm-up, then {report['settings']['duration_s']:g} s"
         + (f" or {report['settings']['requests']} requests" if report['settings']['requests'] else "")
-        + "; closed-loop clients in a separate process (a minimal HTTP/1.1 client on asyncio, keep-alive). CPU columns are cores in use "
-        "(CPU seconds per second): the server, the load generator, and other programs on the machine.",
+        + "; closed-loop clients in a separate process (a minimal HTTP/1.1 client on asyncio, keep-alive). "
+        "CPU columns are cores in use (CPU seconds per second): the server, the load generator, and other "
+        "programs on the machine.",
     ]
     if report.get("server"):
         lines.append(f"- Server start-up (load and warm-up of every model): {report['server']['startup_s']:.1f} s")

@@ -19,7 +19,8 @@ from service.bench.options import DEFAULT_MODEL, SMOKE_MODEL, SMOKE_REFERENCE_CN
 from service.bench.report import analyse_cpu, evaluate_targets, render_markdown
 from service.bench.server import ServerProcess, write_config
 from service.config import ModelConfig, ServerSettings, read_config_file
-from service.devices import default_cpu_lanes
+from service.batching import lane_batch_cap
+from service.devices import lane_count
 from service.served_model import ServedModel
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def measure_http(
         rates = [result["baseline"][k]["images_per_s"] for k in ("before", "after")]
         result["baseline"]["images_per_s"] = sum(rates) / len(rates)
         if result["lanes"] > 1:
-            batch = max(1, served.config.max_batch_size // result["lanes"])
+            batch = lane_batch_cap(served.config.max_batch_size, result["lanes"])
             _progress(f"{model_id}: in process with the server's {result['lanes']} lanes at batch {batch} each")
             result["baseline"]["lanes"] = inprocess.lanes_throughput(served, image, result["lanes"], batch,
                                                                      options.baseline_s)
@@ -165,7 +166,7 @@ def measure_inprocess(served: ServedModel, image: BenchImage, options: BenchOpti
 
 
 def _model_result(model: dict[str, Any], served: ServedModel, server_keys: dict[str, Any]) -> dict[str, Any]:
-    lanes = (server_keys.get("cpu_workers") or default_cpu_lanes()) if served.device.type == "cpu" else 1
+    lanes = lane_count(served.device, server_keys.get("cpu_workers"))
     return {
         "id": model["id"],
         "architecture": served.architecture,
