@@ -167,7 +167,8 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def _first_tensor(output: object) -> torch.Tensor:
+def first_tensor(output: object) -> torch.Tensor:
+    """A module's output (or inputs) as one tensor: the tensor itself, or the first of a tuple or list."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
@@ -213,14 +214,14 @@ def record(model: nn.Module, needs: CaptureNeeds) -> Iterator[Recording]:
             modules = dict(model.named_modules())
             for name in sorted(needs.layers):
                 def hook(_m: nn.Module, _i: object, out: object, name: str = name) -> None:
-                    recording.layers[name] = _first_tensor(out)
+                    recording.layers[name] = first_tensor(out)
 
                 handles.append(modules[name].register_forward_hook(hook))
         if needs.layer_inputs:
             modules = dict(model.named_modules())
             for name in sorted(needs.layer_inputs):
                 def pre_hook(_m: nn.Module, args: tuple, name: str = name) -> None:
-                    recording.layer_inputs[name] = _first_tensor(args)
+                    recording.layer_inputs[name] = first_tensor(args)
 
                 handles.append(modules[name].register_forward_pre_hook(pre_hook))
         yield recording

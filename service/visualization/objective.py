@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from api_schemas import ChannelObjective, ClassObjective, LayerObjective, TokenObjective
+from service.explain.captures import first_tensor
 
 ObjectiveSpec = ClassObjective | ChannelObjective | LayerObjective | TokenObjective
 
@@ -24,14 +25,6 @@ class ObjectiveError(ValueError):
 
 class _StopForward(Exception):
     """Raised by the capture hook: the rest of the forward pass is not needed."""
-
-
-def _first_tensor(output: object) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"module output of type {type(output).__name__} is not a tensor")
 
 
 def channel_dim(rank: int) -> int | None:
@@ -121,7 +114,7 @@ class BoundObjective:
         captured: list[torch.Tensor] = []
 
         def hook(_m: nn.Module, _i: object, out: object) -> None:
-            captured.append(_first_tensor(out))
+            captured.append(first_tensor(out))
             raise _StopForward
 
         handle = self.target.register_forward_hook(hook)
