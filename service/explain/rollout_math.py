@@ -1,8 +1,10 @@
-"""Attention rollout arithmetic (Abnar & Zuidema 2020), shared by rollout and gradient rollout."""
+"""Attention rollout arithmetic (Abnar & Zuidema 2020), shared by the methods that multiply per-block matrices."""
 
 from __future__ import annotations
 
 import torch
+
+from service.explain.tokens import HeadFusion, TokenChoice, fuse_heads
 
 
 def discard_lowest(attention: torch.Tensor, ratio: float, num_prefix_tokens: int) -> torch.Tensor:
@@ -28,22 +30,38 @@ def add_residual_and_normalise(attention: torch.Tensor) -> torch.Tensor:
     return mixed / mixed.sum(dim=-1, keepdim=True)
 
 
+def rollout_matrix(attention: torch.Tensor, head_fusion: HeadFusion, discard_ratio: float,
+                   num_prefix_tokens: int) -> torch.Tensor:
+    """One block's (B, heads, N, N) attention as a rollout factor: heads fused, the lowest entries discarded, then
+    the residual added and the rows renormalised."""
+    return add_residual_and_normalise(discard_lowest(fuse_heads(attention, head_fusion), discard_ratio,
+                                                     num_prefix_tokens))
+
+
+def query_weights(token: TokenChoice, like: torch.Tensor) -> torch.Tensor:
+    """The (N,) row vector picking a token-to-token matrix's row as `token_row` does, N the last dim of `like`:
+    the class token's row (one-hot), or the mean over all rows (uniform 1/N)."""
+    n = like.shape[-1]
+    if token == "cls":
+        weights = torch.zeros(n, dtype=like.dtype, device=like.device)
+        weights[0] = 1.0
+        return weights
+    return torch.full((n,), 1.0 / n, dtype=like.dtype, device=like.device)
+
+
 def rollout_row(matrices: list[torch.Tensor], row: torch.Tensor) -> torch.Tensor:
-    """`row @ rollout_product(matrices)` as (B, N), for a row vector (N,) or one per image (B, N), computed as
-    vector-matrix products from the last layer down: N^2 work per layer instead of the full product's N^3
-    (197 times less for a 14 x 14-patch ViT)."""
+    """`row @ M_L @ ... @ M_1` as (B, N) for per-layer (B, N, N) matrices given first layer first, and a row vector
+    (N,) or one per image (B, N), computed as vector-matrix products from the last layer down: N^2 work per layer
+    instead of the full product's N^3 (197 times less for a 14 x 14-patch ViT)."""
     vector = (row.expand(matrices[0].shape[0], -1) if row.ndim == 1 else row)[:, None, :]
     for matrix in reversed(matrices):
         vector = vector @ matrix
     return vector[:, 0, :]
 
 
-def rollout_product(matrices: list[torch.Tensor]) -> torch.Tensor:
-    """A_L @ ... @ A_1 for per-layer (B, N, N) matrices given first layer first."""
-    result = matrices[0]
-    for matrix in matrices[1:]:
-        result = matrix @ result
-    return result
+def class_token_row(matrices: list[torch.Tensor]) -> torch.Tensor:
+    """The class token's row (B, N) of the rollout product of per-layer (B, N, N) matrices, first layer first."""
+    return rollout_row(matrices, query_weights("cls", matrices[0]))
 
 
 def normalise_rows(matrix: torch.Tensor) -> torch.Tensor:

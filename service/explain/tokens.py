@@ -86,3 +86,10 @@ def check_layer_index(layer: int, anatomy: ModelAnatomy, field: str) -> int:
     if not -n <= layer < n:
         raise ValueError(f"params.{field}: layer {layer} is out of range for a model with {n} blocks ({-n}..{n - 1})")
     return layer % n
+
+
+def aggregated_layers(layer: int, aggregate: str, anatomy: ModelAnatomy) -> list[int]:
+    """The blocks of a per-block method with `aggregate` `last` (block `layer` alone) or `rollout` (blocks 0 up to
+    `layer`); negative `layer` counts from the last block."""
+    top = layer % anatomy.num_layers
+    return [top] if aggregate == "last" else list(range(top + 1))

@@ -17,8 +17,8 @@ from scipy.sparse.csgraph import maximum_flow
 
 from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
 from service.explain.registry import MethodOutput, register_method
-from service.explain.rollout_math import add_residual_and_normalise, discard_lowest
-from service.explain.tokens import HeadFusion, check_class_token_attention, fuse_heads, patch_tokens_to_grid
+from service.explain.rollout_math import rollout_matrix
+from service.explain.tokens import HeadFusion, check_class_token_attention, patch_tokens_to_grid
 
 CAPACITY_SCALE = 1_000_000
 
@@ -87,9 +87,7 @@ def _check(params: AttentionFlowParams, anatomy: ModelAnatomy) -> None:
 )
 def attention_flow(captures: CaptureBatch, params: AttentionFlowParams, anatomy: ModelAnatomy) -> MethodOutput:
     matrices = torch.stack([
-        add_residual_and_normalise(
-            discard_lowest(fuse_heads(attention, params.head_fusion), params.discard_ratio, anatomy.num_prefix_tokens)
-        )
+        rollout_matrix(attention, params.head_fusion, params.discard_ratio, anatomy.num_prefix_tokens)
         for attention in captures.attentions
     ], dim=1).double().cpu().numpy()  # (B, L, N, N)
     flows = np.stack([patch_flows(image, anatomy.num_prefix_tokens) for image in matrices])

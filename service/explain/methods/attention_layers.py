@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
 from service.explain.registry import MethodOutput, register_method
-from service.explain.rollout_math import add_residual_and_normalise, rollout_product
+from service.explain.rollout_math import add_residual_and_normalise, class_token_row
 from service.explain.tokens import (
     HeadFusion,
     check_class_token_attention,
@@ -72,6 +72,6 @@ def attention_layers(captures: CaptureBatch, params: AttentionLayersParams, anat
     elif params.aggregate == "min":
         maps = per_layer.amin(dim=1)
     else:
-        product = rollout_product([add_residual_and_normalise(matrix) for matrix in fused])
-        maps = patch_tokens_to_grid(product[:, 0, prefix:], anatomy)
+        class_row = class_token_row([add_residual_and_normalise(matrix) for matrix in fused])
+        maps = patch_tokens_to_grid(class_row[:, prefix:], anatomy)
     return MethodOutput(maps=maps, layers=per_layer, layer_indices=tuple(indices))

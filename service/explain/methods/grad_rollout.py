@@ -7,14 +7,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
 from service.explain.registry import MethodOutput, register_method
-from service.explain.rollout_math import add_residual_and_normalise, discard_lowest, rollout_row
-from service.explain.tokens import (
-    HeadFusion,
-    check_class_token_attention,
-    check_layer_index,
-    fuse_heads,
-    patch_tokens_to_grid,
-)
+from service.explain.rollout_math import class_token_row, rollout_matrix
+from service.explain.tokens import HeadFusion, check_class_token_attention, check_layer_index, patch_tokens_to_grid
 
 
 class GradRolloutParams(BaseModel):
@@ -52,14 +46,10 @@ def _check(params: GradRolloutParams, anatomy: ModelAnatomy) -> None:
 def grad_rollout(captures: CaptureBatch, params: GradRolloutParams, anatomy: ModelAnatomy) -> MethodOutput:
     assert captures.attention_grads is not None
     start = params.start_layer % anatomy.num_layers
+    prefix = anatomy.num_prefix_tokens
     matrices = [
-        add_residual_and_normalise(discard_lowest(
-            fuse_heads(torch.relu(attention * grad), params.head_fusion), params.discard_ratio,
-            anatomy.num_prefix_tokens,
-        ))
+        rollout_matrix(torch.relu(attention * grad), params.head_fusion, params.discard_ratio, prefix)
         for attention, grad in zip(captures.attentions[start:], captures.attention_grads[start:])
     ]
-    class_token = torch.zeros(matrices[0].shape[-1], dtype=matrices[0].dtype, device=matrices[0].device)
-    class_token[0] = 1.0
-    class_row = rollout_row(matrices, class_token)[:, anatomy.num_prefix_tokens:]  # only that row is needed
+    class_row = class_token_row(matrices)[:, prefix:]
     return MethodOutput(maps=patch_tokens_to_grid(class_row, anatomy))

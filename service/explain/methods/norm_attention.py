@@ -16,8 +16,13 @@ from torch import nn
 
 from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
 from service.explain.registry import MethodOutput, register_method
-from service.explain.rollout_math import add_residual_and_normalise, normalise_rows, rollout_product
-from service.explain.tokens import check_class_token_attention, check_layer_index, patch_tokens_to_grid
+from service.explain.rollout_math import add_residual_and_normalise, class_token_row, normalise_rows
+from service.explain.tokens import (
+    aggregated_layers,
+    check_class_token_attention,
+    check_layer_index,
+    patch_tokens_to_grid,
+)
 
 
 class NormAttentionParams(BaseModel):
@@ -36,11 +41,6 @@ class NormAttentionParams(BaseModel):
     )
 
 
-def chosen_layers(params: NormAttentionParams, anatomy: ModelAnatomy) -> list[int]:
-    top = params.layer % anatomy.num_layers
-    return [top] if params.aggregate == "last" else list(range(top + 1))
-
-
 def _check(params: NormAttentionParams, anatomy: ModelAnatomy) -> None:
     check_class_token_attention(anatomy)
     check_layer_index(params.layer, anatomy, "layer")
@@ -53,7 +53,8 @@ def _check(params: NormAttentionParams, anatomy: ModelAnatomy) -> None:
 
 def _needs(params: NormAttentionParams, anatomy: ModelAnatomy) -> CaptureNeeds:
     names = anatomy.attention_modules
-    return CaptureNeeds(attention=True, layers=frozenset(f"{names[i]}.qkv" for i in chosen_layers(params, anatomy)))
+    layers = aggregated_layers(params.layer, params.aggregate, anatomy)
+    return CaptureNeeds(attention=True, layers=frozenset(f"{names[i]}.qkv" for i in layers))
 
 
 def contribution_norms(attention: torch.Tensor, qkv: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -88,11 +89,11 @@ def norm_attention(captures: CaptureBatch, params: NormAttentionParams, anatomy:
     assert captures.runner is not None
     modules = dict(captures.runner.module.named_modules())
     matrices = []
-    for index in chosen_layers(params, anatomy):
+    for index in aggregated_layers(params.layer, params.aggregate, anatomy):
         name = anatomy.attention_modules[index]
         matrices.append(contribution_norms(captures.attentions[index], captures.layers[f"{name}.qkv"], modules[name]))
     prefix = anatomy.num_prefix_tokens
     if params.aggregate == "last":
         return MethodOutput(maps=patch_tokens_to_grid(matrices[0][:, 0, prefix:], anatomy))
     normalised = [add_residual_and_normalise(normalise_rows(m)) for m in matrices]
-    return MethodOutput(maps=patch_tokens_to_grid(rollout_product(normalised)[:, 0, prefix:], anatomy))
+    return MethodOutput(maps=patch_tokens_to_grid(class_token_row(normalised)[:, prefix:], anatomy))

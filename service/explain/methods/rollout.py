@@ -7,14 +7,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
 from service.explain.registry import MethodOutput, register_method
-from service.explain.rollout_math import add_residual_and_normalise, discard_lowest, rollout_row
+from service.explain.rollout_math import query_weights, rollout_matrix, rollout_row
 from service.explain.tokens import (
     TOKEN_DESCRIPTION,
     HeadFusion,
     TokenChoice,
     check_layer_index,
     check_token_choice,
-    fuse_heads,
     patch_tokens_to_grid,
 )
 
@@ -64,19 +63,11 @@ def rollout(captures: CaptureBatch, params: RolloutParams, anatomy: ModelAnatomy
     start = params.start_layer % anatomy.num_layers
     attentions = captures.attentions[start:]
     # Only one row of the product is needed: the class token's, or the mean of all rows (token_row's choices).
-    n = attentions[0].shape[-1]
-    weights = torch.full((n,), 1.0 / n, dtype=attentions[0].dtype, device=attentions[0].device)
-    if params.token == "cls":
-        weights = torch.zeros_like(weights)
-        weights[0] = 1.0
+    weights = query_weights(params.token, attentions[0])
     if params.head_fusion == "mean" and params.discard_ratio == 0.0:
         row = _mean_fusion_row(attentions, weights)
     else:
-        matrices = [
-            add_residual_and_normalise(discard_lowest(
-                fuse_heads(attention, params.head_fusion), params.discard_ratio, anatomy.num_prefix_tokens
-            ))
-            for attention in attentions
-        ]
+        matrices = [rollout_matrix(attention, params.head_fusion, params.discard_ratio, anatomy.num_prefix_tokens)
+                    for attention in attentions]
         row = rollout_row(matrices, weights)
     return MethodOutput(maps=patch_tokens_to_grid(row[:, anatomy.num_prefix_tokens:], anatomy))

@@ -20,8 +20,13 @@ from torch import nn
 
 from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
 from service.explain.registry import MethodOutput, register_method
-from service.explain.rollout_math import normalise_rows, rollout_product
-from service.explain.tokens import check_class_token_attention, check_layer_index, patch_tokens_to_grid
+from service.explain.rollout_math import class_token_row, normalise_rows
+from service.explain.tokens import (
+    aggregated_layers,
+    check_class_token_attention,
+    check_layer_index,
+    patch_tokens_to_grid,
+)
 
 DEFAULT_CHUNK = 32
 
@@ -41,11 +46,6 @@ class ValueZeroingParams(BaseModel):
     )
 
 
-def chosen_layers(params: ValueZeroingParams, anatomy: ModelAnatomy) -> list[int]:
-    top = params.layer % anatomy.num_layers
-    return [top] if params.aggregate == "last" else list(range(top + 1))
-
-
 def block_name(attention_module: str) -> str:
     return attention_module.rsplit(".", 1)[0]
 
@@ -60,7 +60,8 @@ def _check(params: ValueZeroingParams, anatomy: ModelAnatomy) -> None:
 
 def _needs(params: ValueZeroingParams, anatomy: ModelAnatomy) -> CaptureNeeds:
     names = anatomy.attention_modules
-    return CaptureNeeds(layer_inputs=frozenset(block_name(names[i]) for i in chosen_layers(params, anatomy)))
+    layers = aggregated_layers(params.layer, params.aggregate, anatomy)
+    return CaptureNeeds(layer_inputs=frozenset(block_name(names[i]) for i in layers))
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -128,7 +129,7 @@ def value_zeroing(captures: CaptureBatch, params: ValueZeroingParams, anatomy: M
     assert runner is not None
     modules = dict(runner.module.named_modules())
     matrices = []
-    for index in chosen_layers(params, anatomy):
+    for index in aggregated_layers(params.layer, params.aggregate, anatomy):
         attention = anatomy.attention_modules[index]
         block = modules[block_name(attention)]
         if runner.dtype != torch.float32:  # half precision cannot resolve one token's effect on the residual stream
@@ -137,5 +138,5 @@ def value_zeroing(captures: CaptureBatch, params: ValueZeroingParams, anatomy: M
         inputs = captures.layer_inputs[block_name(attention)].to(device=runner.device, dtype=torch.float32)
         distances = value_zeroing_matrix(block, qkv, inputs, runner.chunk_size or DEFAULT_CHUNK)
         matrices.append(normalise_rows(distances))
-    class_row = rollout_product(matrices)[:, 0, anatomy.num_prefix_tokens:]
+    class_row = class_token_row(matrices)[:, anatomy.num_prefix_tokens:]
     return MethodOutput(maps=patch_tokens_to_grid(class_row, anatomy))
