@@ -17,6 +17,10 @@ ATTRIBUTION_REDUCE_DESCRIPTION = (
     "How the per-channel attributions become one value per pixel: `sum` (signed; the map then sums to the total "
     "attribution), `abs_sum` (sum of absolute values) or `l2` (Euclidean norm over channels)."
 )
+INPUT_GRADIENT_COST_NOTE = (
+    "Shares the batch's forward pass and one backward pass per target (down to the pixels) with the other gradient "
+    "methods."
+)
 INPUT_RESOLUTION_NOTE = (
     " The map has the model's input resolution (one value per input pixel), so in `tokens` space it is returned at "
     "that resolution too."

@@ -6,6 +6,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
+from service.explain.methods.grad_rollout import ATTENTION_GRADIENT_COST_NOTE
 from service.explain.registry import MethodOutput, register_method
 from service.explain.tokens import check_class_token_attention, patch_tokens_to_grid
 
@@ -24,7 +25,7 @@ class GaeParams(BaseModel):
     params_model=GaeParams,
     needs=lambda params, anatomy: CaptureNeeds(attention_grad=True),
     relative_cost=2.6,
-    cost_note="One backward pass per target class on top of the shared forward pass.",
+    cost_note=ATTENTION_GRADIENT_COST_NOTE,
     check=lambda params, anatomy: check_class_token_attention(anatomy),
 )
 def gae(captures: CaptureBatch, params: GaeParams, anatomy: ModelAnatomy) -> MethodOutput:

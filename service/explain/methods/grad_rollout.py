@@ -25,6 +25,9 @@ class GradRolloutParams(BaseModel):
     start_layer: int = Field(default=0, description="First block of the product; negative counts from the last.")
 
 
+ATTENTION_GRADIENT_COST_NOTE = "One backward pass per target class on top of the shared forward pass."
+
+
 def _check(params: GradRolloutParams, anatomy: ModelAnatomy) -> None:
     check_class_token_attention(anatomy)
     check_layer_index(params.start_layer, anatomy, "start_layer")
@@ -40,7 +43,7 @@ def _check(params: GradRolloutParams, anatomy: ModelAnatomy) -> None:
     params_model=GradRolloutParams,
     needs=lambda params, anatomy: CaptureNeeds(attention_grad=True),
     relative_cost=2.5,
-    cost_note="One backward pass per target class on top of the shared forward pass.",
+    cost_note=ATTENTION_GRADIENT_COST_NOTE,
     check=_check,
 )
 def grad_rollout(captures: CaptureBatch, params: GradRolloutParams, anatomy: ModelAnatomy) -> MethodOutput:

@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
 from service.explain.input_attribution import (
+    INPUT_GRADIENT_COST_NOTE,
     ATTRIBUTION_REDUCE_DESCRIPTION,
     INPUT_RESOLUTION_NOTE,
     AttributionReduce,
@@ -29,8 +30,7 @@ class InputXGradientParams(BaseModel):
     params_model=InputXGradientParams,
     needs=lambda params, anatomy: CaptureNeeds(input_grad=True),
     relative_cost=2.5,
-    cost_note="Shares the batch's forward pass and one backward pass per target (down to the pixels) with the other "
-    "gradient methods.",
+    cost_note=INPUT_GRADIENT_COST_NOTE,
 )
 def input_x_gradient(captures: CaptureBatch, params: InputXGradientParams, anatomy: ModelAnatomy) -> MethodOutput:
     assert captures.input_grads is not None

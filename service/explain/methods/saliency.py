@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
 from service.explain.input_attribution import (
+    INPUT_GRADIENT_COST_NOTE,
     INPUT_RESOLUTION_NOTE,
     MAGNITUDE_REDUCE_DESCRIPTION,
     MagnitudeReduce,
@@ -29,8 +30,7 @@ class SaliencyParams(BaseModel):
     params_model=SaliencyParams,
     needs=lambda params, anatomy: CaptureNeeds(input_grad=True),
     relative_cost=2.5,
-    cost_note="Shares the batch's forward pass and one backward pass per target (down to the pixels) with the other "
-    "gradient methods.",
+    cost_note=INPUT_GRADIENT_COST_NOTE,
 )
 def saliency(captures: CaptureBatch, params: SaliencyParams, anatomy: ModelAnatomy) -> MethodOutput:
     assert captures.input_grads is not None
