@@ -9,12 +9,12 @@ import torch
 from pytorch_grad_cam import GradCAMPlusPlus, LayerCAM
 
 from api_schemas import MethodSpec
+from service.bench.references import pytorch_grad_cam_maps, pytorch_grad_cam_scale
 from service.errors import ApiError
 from service.explain.method_requests import resolve_methods
 from service.explain.targets import TargetRequest
 from tests.explain_helpers import TINY, VIT_VARIANTS, explain_direct, random_pixels, served_model
 from tests.explain_method_helpers import small_model, stack_maps
-from tests.test_explain_gradcam import as_pytorch_grad_cam_scales, reference_cam
 
 CNN = ("test_resnet", {"num_classes": 10})
 AVG_VIT = ("vit_tiny_patch16_224", dict(VIT_VARIANTS["vit"][1], global_pool="avg"))  # class token kept, fc_norm
@@ -39,8 +39,8 @@ def test_matches_pytorch_grad_cam(method, cam_class, model_key) -> None:
     outcomes = explain_direct(served, pixels, [method], targets=[TargetRequest(index=t) for t in targets])
     ours = stack_maps(outcomes)
     assert (ours >= 0).all() and ours.amax() > 0
-    reference = reference_cam(served, cam_class, pixels, targets, served.anatomy.feature_layer)
-    np.testing.assert_allclose(as_pytorch_grad_cam_scales(ours, served.input_size[1:]), reference, atol=1e-4)
+    reference = pytorch_grad_cam_maps(served, cam_class, pixels.clone(), targets, served.anatomy.feature_layer)
+    np.testing.assert_allclose(pytorch_grad_cam_scale(ours, served.input_size[1:]).numpy(), reference, atol=1e-4)
 
 
 @pytest.mark.parametrize("method,cam_class", [("gradcam_pp", GradCAMPlusPlus), ("layercam", LayerCAM)])
@@ -50,8 +50,8 @@ def test_target_layer_override(method, cam_class) -> None:
     targets = [3, 5]
     outcomes = explain_direct(served, pixels, [{"name": method, "params": {"target_layer": "layer3"}}],
                               targets=[TargetRequest(index=t) for t in targets])
-    reference = reference_cam(served, cam_class, pixels, targets, "layer3")
-    np.testing.assert_allclose(as_pytorch_grad_cam_scales(stack_maps(outcomes), served.input_size[1:]), reference,
+    reference = pytorch_grad_cam_maps(served, cam_class, pixels.clone(), targets, "layer3")
+    np.testing.assert_allclose(pytorch_grad_cam_scale(stack_maps(outcomes), served.input_size[1:]).numpy(), reference,
                                atol=1e-4)
     with pytest.raises(ApiError):
         resolve_methods([MethodSpec(name=method, params={"target_layer": "nope"})], served.family, served.anatomy)

@@ -5,49 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from service.bench.references import pytorch_grad_cam_maps, pytorch_grad_cam_scale
 from service.explain.targets import TargetRequest
 from tests.explain_helpers import VIT_VARIANTS, explain_direct, random_pixels, served_model
 
 CNN = ("test_resnet", {"num_classes": 10})
 
 
-def minmax(x: torch.Tensor) -> torch.Tensor:
-    x = x - x.amin(dim=(-2, -1), keepdim=True)
-    return x / (1e-7 + x.amax(dim=(-2, -1), keepdim=True))
-
-
-def as_pytorch_grad_cam_scales(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Normalise, upsample to the input size and normalise again, as pytorch-grad-cam does."""
-    upsampled = F.interpolate(minmax(maps)[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-    return minmax(upsampled).numpy()
-
-
-def reference_cam(served, cam_class, pixels: torch.Tensor, targets: list[int], layer_name: str) -> np.ndarray:
-    """Maps of a pytorch-grad-cam CAM class (with its ViT reshape transform) at the input size."""
-    model = served.module
-    layer = model.get_submodule(layer_name)
-    reshape = None
-    if served.family == "vit":
-        prefix, (rows, cols) = served.anatomy.num_prefix_tokens, served.anatomy.grid_size
-
-        def reshape(tensor: torch.Tensor) -> torch.Tensor:
-            patches = tensor[:, prefix:, :].reshape(tensor.size(0), rows, cols, tensor.size(2))
-            return patches.permute(0, 3, 1, 2)
-
-    model.requires_grad_(True)  # pytorch-grad-cam back-propagates into the parameters' graph
-    try:
-        with cam_class(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
-            return cam(input_tensor=pixels.clone(), targets=[ClassifierOutputTarget(t) for t in targets])
-    finally:
-        model.requires_grad_(False)
-
-
 def reference_gradcam(served, pixels: torch.Tensor, targets: list[int], layer_name: str) -> np.ndarray:
-    return reference_cam(served, GradCAM, pixels, targets, layer_name)
+    return pytorch_grad_cam_maps(served, GradCAM, pixels.clone(), targets, layer_name)
 
 
 @pytest.mark.parametrize("model_key", ["cnn", "vit", "deit_distilled", "registers_nonsquare"])
@@ -68,7 +36,7 @@ def test_gradcam_matches_pytorch_grad_cam(model_key: str) -> None:
     assert (ours >= 0).all()
     height, width = served.input_size[1:]
     reference = reference_gradcam(served, pixels, targets, served.anatomy.feature_layer)
-    np.testing.assert_allclose(as_pytorch_grad_cam_scales(ours, (height, width)), reference, atol=1e-4)
+    np.testing.assert_allclose(pytorch_grad_cam_scale(ours, (height, width)).numpy(), reference, atol=1e-4)
 
 
 def test_gradcam_target_layer_override_and_per_target_maps() -> None:
@@ -80,7 +48,7 @@ def test_gradcam_target_layer_override_and_per_target_maps() -> None:
         assert len(outcome.targets) == 3 and len(outcome.methods[0].maps) == 3
         reference = reference_gradcam(served, pixels[i:i + 1].repeat(3, 1, 1, 1), outcome.targets, "layer3")
         ours = torch.stack(outcome.methods[0].maps)
-        np.testing.assert_allclose(as_pytorch_grad_cam_scales(ours, served.input_size[1:]), reference, atol=1e-4)
+        np.testing.assert_allclose(pytorch_grad_cam_scale(ours, served.input_size[1:]).numpy(), reference, atol=1e-4)
         assert not torch.allclose(ours[0], ours[1])  # different classes, different maps
 
 

@@ -114,40 +114,48 @@ def _guard(name: str, reference: str, served: ServedModel, run: Callable[[], dic
 # --- Grad-CAM ----------------------------------------------------------------------------------------------------
 
 
+def pytorch_grad_cam_maps(served: ServedModel, cam_class: type, pixels: torch.Tensor, targets: list[int],
+                          layer_name: str) -> np.ndarray:
+    """pytorch-grad-cam's maps (B, H, W) at the input size from `cam_class` (GradCAM, GradCAMPlusPlus, LayerCAM...)
+    on layer `layer_name`, one target class per image, with its token-to-grid reshape transform on ViTs.
+
+    Its hooks live for the call only, so they do not slow our own passes down."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = served.module
+    layer = model.get_submodule(layer_name)
+    reshape = None
+    if served.family == "vit":
+        prefix, (rows, cols) = served.anatomy.num_prefix_tokens, served.anatomy.grid_size
+
+        def reshape(tensor: torch.Tensor) -> torch.Tensor:
+            patches = tensor[:, prefix:, :].reshape(tensor.size(0), rows, cols, tensor.size(2))
+            return patches.permute(0, 3, 1, 2)
+
+    model.requires_grad_(True)  # pytorch-grad-cam back-propagates through the parameters' graph
+    try:
+        with cam_class(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
+            return cam(input_tensor=pixels, targets=[ClassifierOutputTarget(t) for t in targets])
+    finally:
+        model.requires_grad_(False)
+        model.zero_grad(set_to_none=True)
+
+
 def gradcam_comparison(served: ServedModel, pixels: torch.Tensor, budget_s: float) -> dict[str, Any]:
     name = f"gradcam ({served.family})"
     reference = "pytorch-grad-cam GradCAM"
 
     def run() -> dict[str, Any]:
         from pytorch_grad_cam import GradCAM
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        model = served.module
         layer_name = served.anatomy.feature_layer
-        layer = dict(model.named_modules())[layer_name]
         with torch.inference_mode():
             targets = served.predict_probabilities(pixels).argmax(-1).tolist()
         size = tuple(served.input_size[1:])
-        reshape = None
-        if served.family == "vit":
-            prefix, (rows, cols) = served.anatomy.num_prefix_tokens, served.anatomy.grid_size
-
-            def reshape(tensor: torch.Tensor) -> torch.Tensor:
-                patches = tensor[:, prefix:, :].reshape(tensor.size(0), rows, cols, tensor.size(2))
-                return patches.permute(0, 3, 1, 2)
-
-        cam_targets = [ClassifierOutputTarget(t) for t in targets]
         x = pixels.to(served.dtype)
 
         def theirs() -> np.ndarray:
-            # Its hooks live for the call only, so they do not slow our own passes down.
-            model.requires_grad_(True)  # pytorch-grad-cam back-propagates through the parameters' graph
-            try:
-                with GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
-                    return cam(input_tensor=x, targets=cam_targets)
-            finally:
-                model.requires_grad_(False)
-                model.zero_grad(set_to_none=True)
+            return pytorch_grad_cam_maps(served, GradCAM, x, targets, layer_name)
 
         return _compare(
             name, reference, served,
