@@ -36,9 +36,7 @@ def make_batch_processor(served: ServedModel):
             for i, row in zip(predict, probabilities.unbind(0)):
                 results[i] = row
         if explain:
-            outcomes = run_explain_batch(  # type: ignore[misc]
-                served, served.anatomy, [jobs[i] for i in explain], served.config.explain_chunk_size
-            )
+            outcomes = run_explain_batch(served, [jobs[i] for i in explain])  # type: ignore[misc]
             for i, outcome in zip(explain, outcomes):
                 results[i] = outcome
         return results  # type: ignore[return-value]

@@ -41,7 +41,7 @@ def explain_direct(
     requests = resolve_methods(specs, served.family, served.anatomy)
     targets = targets or [target or TargetRequest(top_k=1)] * pixels.shape[0]
     jobs = [ExplainJob(pixels[i], requests, targets[i]) for i in range(pixels.shape[0])]
-    return run_explain_batch(served, served.anatomy, jobs)
+    return run_explain_batch(served, jobs)
 
 
 def random_pixels(served: ServedModel, batch: int, seed: int = 0) -> torch.Tensor:

@@ -35,7 +35,7 @@ def explain_chunked(
     specs = [m if isinstance(m, str) else MethodSpec(**m) for m in methods]
     requests = resolve_methods(specs, served.family, served.anatomy)
     jobs = [ExplainJob(pixels[i], requests, targets[i]) for i in range(pixels.shape[0])]
-    return run_explain_batch(served, served.anatomy, jobs, chunk_size=chunk_size)
+    return run_explain_batch(served, jobs, chunk_size=chunk_size)
 
 
 class RecordRunnerCalls:

@@ -54,7 +54,7 @@ def test_recorded_attention_gradients_equal_autograd_on_explicit_attention() -> 
                            compute=keep, relative_cost=1.0)
     request = MethodRequest(method, NoParams(), CaptureNeeds(attention_grad=True))
     jobs = [ExplainJob(pixels[i], (request,), TargetRequest(index=t)) for i, t in enumerate(TARGETS)]
-    run_explain_batch(served, served.anatomy, jobs)
+    run_explain_batch(served, jobs)
     (captures,) = seen
     attentions, grads = attentions_and_gradients(served.module, pixels, TARGETS)
     assert captures.targets.tolist() == TARGETS

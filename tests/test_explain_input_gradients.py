@@ -256,3 +256,12 @@ def test_completeness_gap_and_input_resolution_maps_over_http() -> None:
     np.testing.assert_allclose(raw, direct.methods[0].maps[0].numpy(), atol=1e-6)
     original = asyncio.run(post({"format": ["heatmap_png"], "space": "original"}))
     assert original["explanations"][0]["results"][0]["map"]["width"] == 50
+
+
+def test_passes_default_to_the_models_explain_chunk_size(monkeypatch) -> None:
+    served = small_model(*CNN, size=32, seed=1)
+    served.config = served.config.model_copy(update={"explain_chunk_size": 2})
+    calls = RecordRunnerCalls(monkeypatch)
+    explain_direct(served, random_pixels(served, 1, seed=2), [{"name": "smoothgrad", "params": {"samples": 5}}],
+                   target=TargetRequest(index=1))
+    assert calls.sizes == [2, 2, 1]

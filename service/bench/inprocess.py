@@ -177,7 +177,7 @@ def explain_costs(
             try:
                 forward, explain = interleaved(
                     [lambda: served.predict_probabilities(x),
-                     lambda: run_explain_batch(served, served.anatomy, jobs, served.config.explain_chunk_size)],
+                     lambda: run_explain_batch(served, jobs)],
                     served.device, 0.0 if expensive else budget_s / len(sizes),
                     min_repeats=1 if expensive else 3, warmup=0 if expensive else 1,
                 )

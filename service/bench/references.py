@@ -62,7 +62,7 @@ def our_maps(served: ServedModel, pixels: torch.Tensor, method: str, targets: li
                                served.anatomy)
     wanted = [TargetRequest(index=t) for t in targets] if targets is not None else [TargetRequest(top_k=1)] * len(pixels)
     jobs = [ExplainJob(pixels[i], requests, wanted[i]) for i in range(len(pixels))]
-    outcomes = run_explain_batch(served, served.anatomy, jobs, served.config.explain_chunk_size)
+    outcomes = run_explain_batch(served, jobs)
     return torch.stack([outcome.methods[0].maps[0] for outcome in outcomes])
 
 

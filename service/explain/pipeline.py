@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from pydantic import BaseModel
 
-from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy, ModelRunner, record
+from service.explain.captures import CaptureBatch, CaptureNeeds, ModelRunner, record
 from service.explain.registry import ExplainMethod
 from service.explain.targets import TargetRequest
 from service.served_model import ServedModel
@@ -109,9 +109,12 @@ def _target_gradients(
 
 
 def run_explain_batch(
-    served: ServedModel, anatomy: ModelAnatomy, jobs: Sequence[ExplainJob], chunk_size: int = 32
+    served: ServedModel, jobs: Sequence[ExplainJob], chunk_size: int | None = None
 ) -> list[ExplainOutcome]:
-    """Explain a batch of jobs (runs on the model's device worker thread)."""
+    """Explain a batch of jobs (runs on a lane of the model's device). Perturbation methods run the model on at most
+    `chunk_size` images at a time (default: the model's explain_chunk_size)."""
+    anatomy = served.anatomy
+    chunk_size = chunk_size or served.config.explain_chunk_size
     needs = CaptureNeeds()
     for job in jobs:
         for request in job.methods:
