@@ -22,7 +22,7 @@ Job = PredictJob | ExplainJob
 
 
 def make_batch_processor(served: ServedModel):
-    """A function running one batch of jobs for `served` on its device (called on the device worker thread).
+    """A function running one batch of jobs for `served` on its device (called on one of the device's lanes).
 
     Predictions share one inference-mode forward pass; explanations share one recording forward pass.
     """

@@ -3,8 +3,9 @@
 timm's fused attention (scaled_dot_product_attention) never materialises the attention matrix. While recording,
 each attention module is switched to its explicit path and a hook on its `attn_drop` (applied to the softmax
 probabilities, an identity in eval mode) captures the probabilities with their autograd graph. The switch is
-safe because every forward pass of a model runs on its device's single worker thread: no other request can run
-the model while the switch is on. The predict path therefore keeps the fused kernel.
+safe because a model's forward passes run on its device's lanes, one batch at a time per lane, each lane on its
+own replica of the model (`ServedModel.module`): no other pass runs that replica while the switch is on. The
+predict path therefore keeps the fused kernel.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class ModelAnatomy:
 class ModelRunner:
     """Lets perturbation methods run the model again, in chunks of at most `chunk_size` images.
 
-    Only used on the device worker thread, like every other use of the model.
+    Only used on the lane running the batch, like every other use of that lane's replica of the model.
     """
 
     def __init__(
@@ -210,15 +211,14 @@ def record(model: nn.Module, needs: CaptureNeeds) -> Iterator[Recording]:
                 handles.append(attn.attn_drop.register_forward_hook(
                     lambda _m, _i, out: recording.attentions.append(out)
                 ))
+        modules = dict(model.named_modules()) if needs.layers or needs.layer_inputs else {}
         if needs.layers:
-            modules = dict(model.named_modules())
             for name in sorted(needs.layers):
                 def hook(_m: nn.Module, _i: object, out: object, name: str = name) -> None:
                     recording.layers[name] = first_tensor(out)
 
                 handles.append(modules[name].register_forward_hook(hook))
         if needs.layer_inputs:
-            modules = dict(model.named_modules())
             for name in sorted(needs.layer_inputs):
                 def pre_hook(_m: nn.Module, args: tuple, name: str = name) -> None:
                     recording.layer_inputs[name] = first_tensor(args)

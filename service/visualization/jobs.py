@@ -1,8 +1,9 @@
 """Visualization jobs: a bounded set of asyncio tasks, each running its optimisation one step at a time.
 
-Every step is one call on the model's device worker thread (`loop.run_in_executor`), so prediction batches queued
-for that device run between steps: a job slows the queue by at most one step per active job, never more. Steps,
-the shape probe and the final forward pass all run on the worker thread; only the PNG encoding runs elsewhere.
+Every step is one call on the first lane of the model's device (`loop.run_in_executor`), so prediction batches
+given that lane run between steps (a CPU's other lane keeps serving meanwhile): a job slows the queue by at most one
+step per active job, never more. Steps, the shape probe and the final forward pass all run on that lane; only the
+PNG encoding runs elsewhere.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class JobManager:
     async def prepare(
         self, served: ServedModel, request: VisualizationRequest
     ) -> tuple[Objective, VisualizationRequest]:
-        """Validate the request against the model (a shape probe on the worker thread where needed).
+        """Validate the request against the model (a shape probe on the device's first lane where needed).
 
         Returns the objective and the request with its size filled in; raises ObjectiveError naming the field.
         """

@@ -1,8 +1,8 @@
 """The scalar an activation-maximisation job maximises: a class logit, or a statistic of a module's output.
 
 Module outputs are read by a forward hook that stops the forward pass once the module has run (nothing after it
-is needed). Hooks are registered and removed within one call, on the device worker thread, so no prediction
-batch ever sees them.
+is needed). Hooks are registered and removed within one call, on the device's first lane (on its replica of the
+model), so no prediction batch ever sees them.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def channel_dim(rank: int) -> int | None:
 
 @dataclass(frozen=True)
 class Objective:
-    """A validated objective bound to nothing yet: `bind` it to the model on the worker thread."""
+    """A validated objective bound to nothing yet: `bind` it to the model on the device's first lane."""
 
     spec: ObjectiveSpec
 
@@ -102,7 +102,7 @@ class Objective:
 
 @dataclass(frozen=True)
 class BoundObjective:
-    """An objective for one model: call it with an input batch (on the worker thread)."""
+    """An objective for one model: call it with an input batch (on the device's first lane)."""
 
     objective: Objective
     module: nn.Module

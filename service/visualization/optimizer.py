@@ -1,4 +1,4 @@
-"""Activation maximisation, one step at a time, on the model's device worker thread.
+"""Activation maximisation, one step at a time, on the first lane of the model's device.
 
 The image is optimised in the model's normalised input space, x = (pixels - mean) / std, and kept within the range
 that [0, 1] pixels map to. Each step: roll the image by a random jitter, run the model, and take an Adam step that
@@ -57,7 +57,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 class ActivationMaximizer:
-    """The image, its Adam state and the jitter RNG of one job. Every method runs on the device worker thread."""
+    """The image, its Adam state and the jitter RNG of one job. Every method runs on the device's first lane."""
 
     def __init__(
         self,
