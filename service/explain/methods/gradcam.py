@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
-from service.explain.registry import MethodOutput, register_method
+from service.explain.registry import ComputeFn, MethodOutput, register_method
 from service.explain.tokens import token_features_to_map
 
 
@@ -49,16 +51,20 @@ def check_target_layer(params: GradCamParams, anatomy: ModelAnatomy) -> None:
         raise ValueError(f"params.target_layer: the model has no module named {params.target_layer!r}")
 
 
-@register_method(
+def register_gradient_cam(*, name: str, description: str, relative_cost: float) -> Callable[[ComputeFn], ComputeFn]:
+    """`register_method` for a Grad-CAM-family method: ViTs and CNNs, class-specific, the `target_layer` params,
+    that layer's output and gradient recorded, the same check and cost note."""
+    return register_method(
+        name=name, description=description, families=("vit", "cnn"), class_specific=True,
+        params_model=GradCamParams, needs=gradient_cam_needs, relative_cost=relative_cost,
+        cost_note=GRADIENT_CAM_COST_NOTE, check=check_target_layer,
+    )
+
+
+@register_gradient_cam(
     name="gradcam",
     description="Grad-CAM: channels of a layer's activations weighted by their mean gradient, summed, ReLU.",
-    families=("vit", "cnn"),
-    class_specific=True,
-    params_model=GradCamParams,
-    needs=gradient_cam_needs,
     relative_cost=1.25,
-    cost_note=GRADIENT_CAM_COST_NOTE,
-    check=check_target_layer,
 )
 def gradcam(captures: CaptureBatch, params: GradCamParams, anatomy: ModelAnatomy) -> MethodOutput:
     activations, gradients = activations_and_gradients(captures, params, anatomy)

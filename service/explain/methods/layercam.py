@@ -5,27 +5,15 @@ from __future__ import annotations
 import torch
 
 from service.explain.captures import CaptureBatch, ModelAnatomy
-from service.explain.methods.gradcam import (
-    GRADIENT_CAM_COST_NOTE,
-    GradCamParams,
-    activations_and_gradients,
-    check_target_layer,
-    gradient_cam_needs,
-)
-from service.explain.registry import MethodOutput, register_method
+from service.explain.methods.gradcam import GradCamParams, activations_and_gradients, register_gradient_cam
+from service.explain.registry import MethodOutput
 
 
-@register_method(
+@register_gradient_cam(
     name="layercam",
     description="LayerCAM: a layer's activations times their positive gradients at each position, summed over "
     "channels, ReLU. Same target layers as gradcam.",
-    families=("vit", "cnn"),
-    class_specific=True,
-    params_model=GradCamParams,
-    needs=gradient_cam_needs,
     relative_cost=1.2,
-    cost_note=GRADIENT_CAM_COST_NOTE,
-    check=check_target_layer,
 )
 def layercam(captures: CaptureBatch, params: GradCamParams, anatomy: ModelAnatomy) -> MethodOutput:
     activations, gradients = activations_and_gradients(captures, params, anatomy)
