@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from service.batching import BatchQueue
-from service.devices import DeviceLanes, current_lane, default_cpu_lanes, lane_count
+from service.devices import DeviceLanes, current_lane, default_cpu_lanes, lane_count, use_threads
 from service.image_decoding import decode_image
 from tests.helpers import load_models, png_bytes, random_image, running_app, settings_for, tiny_vit_config
 
@@ -180,3 +180,28 @@ def test_warm_up_runs_batch_1_and_the_lane_batch_cap() -> None:
 def test_a_cpu_gets_cpu_workers_lanes_and_a_gpu_one() -> None:
     assert lane_count(CPU, 3) == 3 and lane_count(CPU, None) == default_cpu_lanes()
     assert lane_count(torch.device("cuda:0"), 3) == 1
+
+
+def test_a_threads_own_count_survives_another_thread_setting_a_different_one() -> None:
+    """torch initialises a thread's count from the process-wide one on its first parallel operation; a count set
+    before that would be overwritten by whatever another thread set last."""
+    first_set, second_set = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def first() -> None:
+        use_threads(1)
+        first_set.set()
+        second_set.wait(10)
+        seen.append(torch.get_num_threads())
+
+    def second() -> None:
+        first_set.wait(10)
+        use_threads(2)
+        second_set.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert seen == [1]
