@@ -11,7 +11,7 @@ from typing import Sequence
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.app import create_app
+    from service.http.app import create_app
     from service.config import load_settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
@@ -23,50 +23,24 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _csv_ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from service.bench.cli import run_from_args
-
-    return run_from_args(args)
-
-
 def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
-    from service.bench.options import SECTIONS
+    """`bench` comes from the `benchmarks` package beside the service (installed with the project, not in the
+    server image); without it the command says so."""
+    try:
+        from benchmarks.cli import add_bench_parser
+    except ModuleNotFoundError as exc:
+        if exc.name != "benchmarks":
+            raise
+        bench = commands.add_parser("bench", help="benchmarks (not installed here)")
+        bench.set_defaults(handler=_no_benchmarks)
+        return
+    add_bench_parser(commands)
 
-    bench = commands.add_parser(
-        "bench", help="benchmark serving, batching, explanation cost and reference libraries",
-        description="Start the server on loopback (random weights unless --config), load it over HTTP, time the "
-        "explanation methods in process and compare them with reference libraries; print a markdown report.",
-    )
-    bench.add_argument("--models", nargs="+", metavar="MODEL",
-                       help="timm architectures to serve with random weights (default deit_tiny_patch16_224), "
-                       "or model ids of --config (default: all of its models)")
-    bench.add_argument("--config", help="serve the models (and settings) of this configuration file instead")
-    bench.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the config's, else auto)")
-    bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                       help="model dtype (default: the config's, else float32; half types need CUDA)")
-    bench.add_argument("--image", help="photo to send (default: shared/images/chelsea.png beside the checkout, "
-                       "else scikit-image's chelsea)")
-    bench.add_argument("--duration-s", type=float, help="measurement window of each HTTP load point (default 10)")
-    bench.add_argument("--warmup-s", type=float, help="un-counted warm-up before each window (default 2)")
-    bench.add_argument("--requests", type=int, help="end each load point after this many successful requests")
-    bench.add_argument("--concurrency", type=_csv_ints, help="client counts of the /predict runs (default 1,8,32)")
-    bench.add_argument("--skip", type=lambda t: {s.strip() for s in t.split(",") if s.strip()}, default=set(),
-                       help=f"comma-separated sections to leave out: {', '.join(SECTIONS)}")
-    bench.add_argument("--smoke", action="store_true",
-                       help="a tiny model and a few requests: checks that everything runs (timings meaningless)")
-    bench.add_argument("--output-json", help="write the full report as JSON here")
-    bench.add_argument("--output-md", help="write the markdown report here (it is always printed)")
-    bench.set_defaults(handler=_bench)
+
+def _no_benchmarks(_: argparse.Namespace) -> int:
+    print("saliency-server bench: the `benchmarks` package is not installed; install the project from its "
+          "repository with `pip install -e '.[bench]'`", file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:

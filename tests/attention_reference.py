@@ -91,6 +91,6 @@ def sharpen_heads(served, factor: float = 1000.0) -> None:
     with timm's small random init, A * dA is ~1e-4 and its non-linear effects (discarding, the rollout product)
     would hide below float32 noise."""
     with torch.no_grad():
-        for name, module in served.module.named_modules():
+        for name, module in served.active_network.named_modules():
             if name.startswith("head") and isinstance(module, torch.nn.Linear):
                 module.weight.mul_(factor)

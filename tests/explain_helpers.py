@@ -8,10 +8,10 @@ import torch
 
 from api_schemas import MethodSpec
 from service.config import ModelConfig, ServerSettings
-from service.explain.method_requests import resolve_methods
+from service.explain.requests import resolve_methods
 from service.explain.pipeline import ExplainJob, ExplainOutcome, run_explain_batch
 from service.explain.targets import TargetRequest
-from service.served_model import ServedModel, load_served_model
+from service.model.served import ServedModel, load_served_model
 from tests.helpers import TINY_VIT_KWARGS
 
 TINY = dict(embed_dim=32, depth=3, num_heads=2, num_classes=10)

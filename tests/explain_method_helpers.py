@@ -9,10 +9,10 @@ import torch
 from api_schemas import MethodSpec
 from service.config import ModelConfig, ServerSettings
 from service.explain.captures import ModelRunner
-from service.explain.method_requests import resolve_methods
+from service.explain.requests import resolve_methods
 from service.explain.pipeline import ExplainJob, ExplainOutcome, run_explain_batch
 from service.explain.targets import TargetRequest
-from service.served_model import ServedModel, load_served_model
+from service.model.served import ServedModel, load_served_model
 
 
 def small_model(

@@ -12,9 +12,9 @@ import numpy as np
 from fastapi import FastAPI
 from PIL import Image
 
-from service.app import create_app
+from service.http.app import create_app
 from service.config import ModelConfig, ServerSettings
-from service.served_model import ServedModel, load_served_model
+from service.model.served import ServedModel, load_served_model
 
 # A ViT small enough for CPU tests: 32x32 input, 8x8 patches (a 4x4 grid), 2 blocks.
 TINY_VIT_KWARGS: dict[str, Any] = {

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import pytest
 
-from service.batching import BatchQueue, QueueClosedError, QueueFullError, RequestTimeoutError
+from service.runtime.batching import BatchQueue, QueueClosedError, QueueFullError, RequestTimeoutError
 
 pytestmark = pytest.mark.anyio
 

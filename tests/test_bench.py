@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 import torch
 
-from service.bench.cpu import CpuSnapshot, cpu_usage
-from service.bench.images import load_bench_image, multipart_body
-from service.bench.loadgen import Connection, encode_request, percentile
-from service.bench.options import BenchOptions
-from service.bench.references import max_abs_difference, minmax, pytorch_grad_cam_scale, reduce_channels
-from service.bench.report import evaluate_targets, render_markdown
-from service.bench.runner import server_configuration, without_batching
+from benchmarks.cpu import CpuSnapshot, cpu_usage
+from benchmarks.images import load_bench_image, multipart_body
+from benchmarks.loadgen import Connection, encode_request, percentile
+from benchmarks.options import BenchOptions
+from benchmarks.references import max_abs_difference, minmax, pytorch_grad_cam_scale, reduce_channels
+from benchmarks.report import evaluate_targets, render_markdown
+from benchmarks.runner import server_configuration, without_batching
 from service.cli import build_parser, main
-from service.devices import default_cpu_lanes
+from service.runtime.devices import default_cpu_lanes
 from service.explain.registry import all_methods
 
 SECTIONS = ("baseline", "predict", "explain_http", "explain_cost", "references", "targets")
@@ -212,7 +212,7 @@ def test_server_configuration_from_a_config_file(tmp_path: Path) -> None:
 
 
 def test_bench_options_from_the_command_line() -> None:
-    from service.bench.cli import options_from_args
+    from benchmarks.cli import options_from_args
 
     args = build_parser().parse_args(["bench", "--models", "resnet18", "--duration-s", "3", "--concurrency", "1,4",
                                       "--skip", "references", "--device", "cpu"])

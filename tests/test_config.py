@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from service.config import ModelConfig, ServerSettings, load_settings
-from service.devices import resolve_dtype
+from service.model.placement import resolve_dtype
 
 TOML = """
 host = "0.0.0.0"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from service.batching import BatchQueue
-from service.devices import DeviceLanes, current_lane, default_cpu_lanes, lane_count, use_threads
-from service.image_decoding import decode_image
+from service.runtime.batching import BatchQueue
+from service.runtime.devices import DeviceLanes, current_lane, default_cpu_lanes, lane_count, use_threads
+from service.http.uploads import decode_image
 from tests.helpers import load_models, png_bytes, random_image, running_app, settings_for, tiny_vit_config
 
 pytestmark = pytest.mark.anyio
@@ -76,8 +76,8 @@ async def test_a_queue_runs_two_batches_at_once_on_two_lanes(lanes) -> None:
 
 def test_replicas_share_the_weights_but_not_hooks_or_switches() -> None:
     served = load_models(settings_for(tiny_vit_config()))["tiny_vit"]
-    served.replicate(2)
-    original, replica = served.replicas
+    served.make_copies(2)
+    original, replica = served.copies
     assert original is served.network and replica is not original
     assert all(a.data_ptr() == b.data_ptr() for a, b in zip(original.parameters(), replica.parameters()))
     calls: list[str] = []
@@ -88,11 +88,11 @@ def test_replicas_share_the_weights_but_not_hooks_or_switches() -> None:
     assert calls == []
     pool = DeviceLanes(CPU, 2)
     try:
-        modules = [pool.executor(i).submit(lambda: served.module).result(10) for i in range(2)]
+        modules = [pool.executor(i).submit(lambda: served.active_network).result(10) for i in range(2)]
     finally:
         pool.shutdown()
     assert modules[0] is original and modules[1] is replica
-    assert served.module is original  # off the lanes
+    assert served.active_network is original  # off the lanes
 
 
 async def test_an_explanation_and_a_prediction_running_at_once_do_not_mix() -> None:
@@ -110,7 +110,7 @@ async def test_an_explanation_and_a_prediction_running_at_once_do_not_mix() -> N
         def wait_for_the_other_lane(*_: object) -> None:
             both_lanes.wait()
 
-        handles = [replica.register_forward_pre_hook(wait_for_the_other_lane) for replica in served.replicas]
+        handles = [replica.register_forward_pre_hook(wait_for_the_other_lane) for replica in served.copies]
         try:
             predicted, explained = await asyncio.gather(
                 client.post("/v1/models/tiny_vit/predict", files={"file": ("x.png", predict_image)},
@@ -141,9 +141,9 @@ def test_a_model_that_cannot_be_copied_names_itself_and_the_setting() -> None:
     served = load_models(settings_for(tiny_vit_config()))["tiny_vit"]
     served.network.lock = threading.Lock()  # deepcopy cannot copy a lock
     with pytest.raises(RuntimeError, match=r"'tiny_vit' cannot be copied for 2 CPU lanes .*cpu_workers = 1"):
-        served.replicate(2)
-    served.replicate(1)  # one lane needs no copy
-    assert served.replicas == [served.network]
+        served.make_copies(2)
+    served.make_copies(1)  # one lane needs no copy
+    assert served.copies == [served.network]
 
 
 async def test_with_two_lanes_a_batch_takes_at_most_half_the_cap(lanes) -> None:
@@ -168,13 +168,13 @@ async def test_with_two_lanes_a_batch_takes_at_most_half_the_cap(lanes) -> None:
     assert sorted(sizes) == [3, 3]
 
 
-def test_warm_up_runs_batch_1_and_the_lane_batch_cap() -> None:
-    served = load_models(settings_for(tiny_vit_config(max_batch_size=8)))["tiny_vit"]
-    sizes: list[int] = []
-    served.network.register_forward_pre_hook(lambda _module, args: sizes.append(args[0].shape[0]))
-    served.replicate(2)
-    served.warm_up()
-    assert sizes == [1, 4] and served.ready
+async def test_warm_up_runs_batch_1_and_the_lane_batch_cap_on_each_lane() -> None:
+    settings = settings_for(tiny_vit_config(max_batch_size=8), cpu_workers=2)
+    served = load_models(settings)["tiny_vit"]
+    sizes: list[tuple[int, int]] = []
+    served.network.register_forward_pre_hook(lambda _module, args: sizes.append((current_lane(), args[0].shape[0])))
+    async with running_app(settings, {"tiny_vit": served}):
+        assert sorted(sizes) == [(0, 1), (0, 4), (1, 1), (1, 4)] and served.ready
 
 
 def test_a_cpu_gets_cpu_workers_lanes_and_a_gpu_one() -> None:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from service.explain.targets import TargetRequest
-from service.image_decoding import decode_image
+from service.http.uploads import decode_image
 from tests.explain_helpers import explain_direct
 from tests.helpers import load_models, png_bytes, random_image, running_app, settings_for, tiny_cnn_config, tiny_vit_config
 
@@ -118,7 +118,7 @@ async def test_original_space_map_has_the_original_size_and_crop_box(app_client)
 async def test_several_methods_share_one_forward_pass(app_client) -> None:
     client, models = app_client
     calls = []
-    handle = models["tiny_vit"].module.register_forward_hook(lambda *_: calls.append(1))
+    handle = models["tiny_vit"].active_network.register_forward_hook(lambda *_: calls.append(1))
     try:
         response = await explain(client, png_bytes(random_image(1)), methods=["raw_attention", "rollout", "gradcam"])
     finally:
@@ -201,11 +201,11 @@ async def test_predict_and_explain_requests_batched_together_both_stay_correct(a
     for response, image in ((predict, data[0]), (predict_again, data[2])):
         pixels = served.preprocess(decode_image(image, 10**8)).unsqueeze(0)
         with torch.no_grad():
-            expected = served.module(pixels).softmax(-1)[0]
+            expected = served.active_network(pixels).softmax(-1)[0]
         got = {p["index"]: p["probability"] for p in response.json()["predictions"]}
         np.testing.assert_allclose([got[i] for i in range(10)], expected.numpy(), atol=1e-6)
     pixels = served.preprocess(decode_image(data[1], 10**8)).unsqueeze(0)
     direct = explain_direct(served, pixels, ["rollout"])[0]
     np.testing.assert_allclose(raw_array(explained.json()["explanations"][0]["results"][0]["map"]["raw"]),
                                direct.methods[0].maps[0].numpy(), atol=1e-5)
-    assert all(block.attn.fused_attn for block in served.module.blocks)
+    assert all(block.attn.fused_attn for block in served.active_network.blocks)

@@ -33,7 +33,7 @@ def test_attention_flow_matches_networkx(variant: str, head_fusion: str, discard
     served = served_model(*VIT_VARIANTS[variant], seed=8)
     pixels = random_pixels(served, 2, seed=8)
     with torch.no_grad():
-        attentions = [a.double().numpy() for a in explicit_forward(served.module, pixels).attentions]
+        attentions = [a.double().numpy() for a in explicit_forward(served.active_network, pixels).attentions]
     params = {"head_fusion": head_fusion, "discard_ratio": discard_ratio}
     outcomes = explain_direct(served, pixels, [{"name": "attention_flow", "params": params}])
     prefix, grid = served.anatomy.num_prefix_tokens, served.anatomy.grid_size

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from api_schemas import MethodSpec
-from service.errors import ApiError
-from service.explain.method_requests import resolve_methods
+from service.http.errors import ApiError
+from service.explain.requests import resolve_methods
 from tests.attention_reference import explicit_forward, fuse, residual
 from tests.explain_helpers import VIT_VARIANTS, explain_direct, random_pixels, served_model
 from tests.helpers import png_bytes, random_image, running_app, settings_for, tiny_vit_config
@@ -20,7 +20,7 @@ NO_CLASS_TOKEN = ("vit_tiny_patch16_224", dict(VIT_VARIANTS["vit"][1], class_tok
 
 def attentions_of(served, pixels) -> list[np.ndarray]:
     with torch.no_grad():
-        return [a.double().numpy() for a in explicit_forward(served.module, pixels).attentions]
+        return [a.double().numpy() for a in explicit_forward(served.active_network, pixels).attentions]
 
 
 @pytest.mark.parametrize("variant", ["vit", "deit_distilled", "registers_nonsquare", "patch32_nonsquare"])

@@ -11,7 +11,7 @@ from tests.explain_helpers import VIT_VARIANTS, explain_direct, random_pixels, s
 
 def independent_attentions(served, pixels: torch.Tensor) -> list[np.ndarray]:
     """Each block's attention probabilities recomputed from its qkv projection, with fused attention left on."""
-    model = served.module
+    model = served.active_network
     inputs: list[torch.Tensor] = []
     handles = [block.attn.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
                for block in model.blocks]
@@ -90,7 +90,7 @@ def test_rollout_matches_a_per_image_re_derivation(variant, head_fusion, discard
 
 
 def test_discard_ratio_changes_the_map_and_keeps_class_token_entries() -> None:
-    from service.explain.rollout_math import discard_lowest
+    from service.explain.methods._rollout import discard_lowest
 
     attention = torch.rand(2, 5, 5)
     attention[:, 0, :] = 0.0  # the lowest values sit in the class-token row: they must survive
@@ -118,7 +118,7 @@ def test_batched_equals_per_image_for_attention_methods() -> None:
 def test_predict_path_keeps_fused_attention_after_explaining() -> None:
     served = served_model(*VIT_VARIANTS["vit"])
     explain_direct(served, random_pixels(served, 2), ["rollout"])
-    assert all(block.attn.fused_attn for block in served.module.blocks)
+    assert all(block.attn.fused_attn for block in served.active_network.blocks)
 
 
 @pytest.mark.parametrize("token", ["cls", "mean"])

@@ -9,9 +9,9 @@ import torch
 from pytorch_grad_cam import GradCAMPlusPlus, LayerCAM
 
 from api_schemas import MethodSpec
-from service.bench.references import pytorch_grad_cam_maps, pytorch_grad_cam_scale
-from service.errors import ApiError
-from service.explain.method_requests import resolve_methods
+from benchmarks.references import pytorch_grad_cam_maps, pytorch_grad_cam_scale
+from service.http.errors import ApiError
+from service.explain.requests import resolve_methods
 from service.explain.targets import TargetRequest
 from tests.explain_helpers import TINY, VIT_VARIANTS, explain_direct, random_pixels, served_model
 from tests.explain_method_helpers import small_model, stack_maps
@@ -59,7 +59,7 @@ def test_target_layer_override(method, cam_class) -> None:
 
 def explicit_cam(served, pixels: torch.Tensor, targets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights times features written out from timm's own pieces; also the logits of the targets."""
-    model = served.module
+    model = served.active_network
     with torch.no_grad():
         features = model.forward_features(pixels)
         logits = model(pixels).gather(1, torch.tensor(targets)[:, None])[:, 0]
@@ -98,7 +98,7 @@ def test_cam_matches_weights_times_features(model) -> None:
     expected, logits = explicit_cam(served, pixels, targets)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
     # CAM decomposes the logit: map mean + a per-class constant (bias, and the norm's shift) = logit
-    model_ = served.module
+    model_ = served.active_network
     head = model_.get_classifier()
     constant = head.bias[targets]
     fc_norm = getattr(model_, "fc_norm", None)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from pytorch_grad_cam import GradCAM
 
-from service.bench.references import pytorch_grad_cam_maps, pytorch_grad_cam_scale
+from benchmarks.references import pytorch_grad_cam_maps, pytorch_grad_cam_scale
 from service.explain.targets import TargetRequest
 from tests.explain_helpers import VIT_VARIANTS, explain_direct, random_pixels, served_model
 
@@ -27,7 +27,7 @@ def test_gradcam_matches_pytorch_grad_cam(model_key: str) -> None:
     if model_key == "cnn":
         assert served.anatomy.feature_layer == "layer4"
     else:
-        assert served.anatomy.feature_layer == f"blocks.{len(served.module.blocks) - 1}.norm1"
+        assert served.anatomy.feature_layer == f"blocks.{len(served.active_network.blocks) - 1}.norm1"
     pixels = random_pixels(served, 3, seed=3)
     targets = [1, 7, 4]
     outcomes = explain_direct(served, pixels, ["gradcam"],

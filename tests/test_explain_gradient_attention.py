@@ -56,7 +56,7 @@ def test_recorded_attention_gradients_equal_autograd_on_explicit_attention() -> 
     jobs = [ExplainJob(pixels[i], (request,), TargetRequest(index=t)) for i, t in enumerate(TARGETS)]
     run_explain_batch(served, jobs)
     (captures,) = seen
-    attentions, grads = attentions_and_gradients(served.module, pixels, TARGETS)
+    attentions, grads = attentions_and_gradients(served.active_network, pixels, TARGETS)
     assert captures.targets.tolist() == TARGETS
     for ours, theirs in zip(captures.attentions, attentions):
         np.testing.assert_allclose(ours.numpy(), theirs, atol=1e-6)
@@ -74,7 +74,7 @@ def test_grad_rollout_matches_a_per_image_re_derivation(variant, head_fusion, di
     served = served_model(*VIT_VARIANTS[variant], seed=1)
     sharpen_heads(served)
     pixels = random_pixels(served, 3, seed=1)
-    attentions, grads = attentions_and_gradients(served.module, pixels, TARGETS)
+    attentions, grads = attentions_and_gradients(served.active_network, pixels, TARGETS)
     params = {"head_fusion": head_fusion, "discard_ratio": discard_ratio, "start_layer": start_layer}
     outcomes = explain_direct(served, pixels, [{"name": "grad_rollout", "params": params}],
                               targets=[TargetRequest(index=t) for t in TARGETS])
@@ -92,7 +92,7 @@ def test_gae_matches_the_fixed_per_image_notebook_loop(variant: str) -> None:
     served = served_model(*VIT_VARIANTS[variant], seed=2)
     sharpen_heads(served)
     pixels = random_pixels(served, 3, seed=2)
-    attentions, grads = attentions_and_gradients(served.module, pixels, TARGETS)
+    attentions, grads = attentions_and_gradients(served.active_network, pixels, TARGETS)
     outcomes = explain_direct(served, pixels, ["gae"], targets=[TargetRequest(index=t) for t in TARGETS])
     prefix, grid = served.anatomy.num_prefix_tokens, served.anatomy.grid_size
     for i, outcome in enumerate(outcomes):

@@ -14,10 +14,10 @@ from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Salien
 from scipy.ndimage import gaussian_filter
 
 from api_schemas import MethodSpec
-from service.errors import ApiError
-from service.explain.method_requests import resolve_methods
+from service.http.errors import ApiError
+from service.explain.requests import resolve_methods
 from service.explain.targets import TargetRequest
-from service.image_decoding import decode_image
+from service.http.uploads import decode_image
 from tests.explain_helpers import VIT_VARIANTS, explain_direct, random_pixels, served_model
 from tests.explain_method_helpers import RecordRunnerCalls, explain_chunked, small_model, stack_maps
 from tests.helpers import load_models, png_bytes, random_image, running_app, settings_for, tiny_vit_config
@@ -64,7 +64,7 @@ def test_saliency_matches_captum(model_key, reduce, vit, cnn) -> None:
                               targets=index_targets(targets))
     ours = stack_maps(outcomes)
     assert ours.shape == (3, *served.input_size[1:])  # input resolution
-    reference = Saliency(served.module).attribute(pixels.clone(), target=targets)  # abs=True
+    reference = Saliency(served.active_network).attribute(pixels.clone(), target=targets)  # abs=True
     assert_close_scaled(ours, magnitude(reference, reduce))
 
 
@@ -74,7 +74,7 @@ def test_input_x_gradient_matches_captum(reduce, vit) -> None:
     targets = [5, 1]
     outcomes = explain_direct(vit, pixels, [{"name": "input_x_gradient", "params": {"reduce": reduce}}],
                               targets=index_targets(targets))
-    reference = InputXGradient(vit.module).attribute(pixels.clone(), target=targets)
+    reference = InputXGradient(vit.active_network).attribute(pixels.clone(), target=targets)
     assert_close_scaled(stack_maps(outcomes), attribution(reference, reduce))
 
 
@@ -89,7 +89,7 @@ def test_smoothgrad_matches_captum_noise_tunnel(variant, nt_type, vit) -> None:
     params = {"samples": 6, "noise": 0.2, "variant": variant, "seed": 11, "reduce": "mean"}
     ours = stack_maps(explain_chunked(vit, pixels, [{"name": "smoothgrad", "params": params}],
                                       index_targets(targets), chunk_size=4))  # samples straddle chunks
-    tunnel = NoiseTunnel(Saliency(vit.module))
+    tunnel = NoiseTunnel(Saliency(vit.active_network))
     for i, target in enumerate(targets):
         stdev = float(0.2 * (pixels[i].max() - pixels[i].min()))
         torch.manual_seed(11)
@@ -128,7 +128,7 @@ def test_integrated_gradients_matches_captum(integration, baseline, cnn) -> None
     else:
         baselines = torch.from_numpy(gaussian_filter(pixels.numpy(), sigma=(0, 0, 1.5, 1.5), mode="nearest",
                                                      truncate=3.0))
-    attributions, delta = IntegratedGradients(cnn.module).attribute(
+    attributions, delta = IntegratedGradients(cnn.active_network).attribute(
         pixels.clone(), baselines=baselines.contiguous(), target=targets, n_steps=steps, method=integration,
         return_convergence_delta=True,
     )
@@ -136,8 +136,8 @@ def test_integrated_gradients_matches_captum(integration, baseline, cnn) -> None
         # Captum weighs the trapezoid's points by 1/steps (ends halved): its weights sum to (steps - 1) / steps.
         # Ours are the trapezoid rule's 1/(steps - 1): the same points, weights in proportion.
         scale = steps / (steps - 1)
-        f_x = cnn.module(pixels).gather(1, torch.tensor(targets)[:, None])[:, 0]
-        f_b = cnn.module(baselines.contiguous()).gather(1, torch.tensor(targets)[:, None])[:, 0]
+        f_x = cnn.active_network(pixels).gather(1, torch.tensor(targets)[:, None])[:, 0]
+        f_b = cnn.active_network(baselines.contiguous()).gather(1, torch.tensor(targets)[:, None])[:, 0]
         attributions = attributions * scale
         delta = attributions.sum(dim=(1, 2, 3)) - (f_x - f_b)
     assert_close_scaled(stack_maps(outcomes), attributions.sum(1))
@@ -166,8 +166,8 @@ def test_integrated_gradients_completeness_improves_with_steps(cnn) -> None:
     """The gap shrinks as steps grow (not monotonically: the ReLUs make the integrand kinked)."""
     pixels = random_pixels(cnn, 2, seed=9)
     targets = [1, 6]
-    f_x = cnn.module(pixels).gather(1, torch.tensor(targets)[:, None])[:, 0]
-    f_b = cnn.module(black(cnn).expand_as(pixels).contiguous()).gather(1, torch.tensor(targets)[:, None])[:, 0]
+    f_x = cnn.active_network(pixels).gather(1, torch.tensor(targets)[:, None])[:, 0]
+    f_b = cnn.active_network(black(cnn).expand_as(pixels).contiguous()).gather(1, torch.tensor(targets)[:, None])[:, 0]
     gaps = []
     for steps in (2, 16, 128):
         params = {"steps": steps, "integration": "riemann_trapezoid"}

@@ -33,7 +33,7 @@ def reference_norms(model, pixels: torch.Tensor) -> list[np.ndarray]:
 def test_norm_attention_matches_a_token_by_token_re_derivation(variant: str) -> None:
     served = served_model(*VIT_VARIANTS[variant], seed=6)
     pixels = random_pixels(served, 2, seed=6)
-    norms = reference_norms(served.module, pixels)
+    norms = reference_norms(served.active_network, pixels)
     prefix, grid = served.anatomy.num_prefix_tokens, served.anatomy.grid_size
     cases = [({"aggregate": "last"}, -1), ({"aggregate": "last", "layer": 0}, 0), ({"aggregate": "rollout"}, 2),
              ({"aggregate": "rollout", "layer": 1}, 1)]

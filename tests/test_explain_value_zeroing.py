@@ -42,7 +42,7 @@ def naive_value_zeroing(model, pixels: torch.Tensor) -> list[np.ndarray]:
 def test_value_zeroing_matches_a_naive_loop(variant: str) -> None:
     served = served_model(*VIT_VARIANTS[variant], seed=10)
     pixels = random_pixels(served, 2, seed=10)
-    reference = naive_value_zeroing(served.module, pixels)
+    reference = naive_value_zeroing(served.active_network, pixels)
     prefix, grid = served.anatomy.num_prefix_tokens, served.anatomy.grid_size
     cases = [({"aggregate": "rollout"}, 2), ({"aggregate": "rollout", "layer": 1}, 1), ({"aggregate": "last"}, 2),
              ({"aggregate": "last", "layer": 0}, 0)]
@@ -66,8 +66,8 @@ def test_value_zeroing_chunking_does_not_change_the_matrix(chunk_size: int) -> N
     served = served_model(*VIT_VARIANTS["registers_nonsquare"], seed=11)
     pixels = random_pixels(served, 2, seed=11)
     with torch.no_grad():
-        inputs = explicit_forward(served.module, pixels).block_inputs[1]
-    block = served.module.blocks[1]
+        inputs = explicit_forward(served.active_network, pixels).block_inputs[1]
+    block = served.active_network.blocks[1]
     expected = value_zeroing_matrix(block, block.attn.qkv, inputs, chunk_size=29)
     torch.testing.assert_close(value_zeroing_matrix(block, block.attn.qkv, inputs, chunk_size), expected,
                                atol=1e-6, rtol=1e-5)
@@ -78,10 +78,10 @@ def test_value_zeroing_chunking_does_not_change_the_matrix(chunk_size: int) -> N
 def test_value_zeroing_of_a_layer_scale_block_in_float64() -> None:
     served = served_model(*VIT_VARIANTS["patch14"], seed=10)
     pixels = random_pixels(served, 2, seed=10)
-    reference = naive_value_zeroing(served.module, pixels)
+    reference = naive_value_zeroing(served.active_network, pixels)
     with torch.no_grad():
-        inputs = explicit_forward(served.module, pixels).block_inputs
-    for layer, block in enumerate(served.module.blocks):
+        inputs = explicit_forward(served.active_network, pixels).block_inputs
+    for layer, block in enumerate(served.active_network.blocks):
         block = copy.deepcopy(block).double()
         ours = value_zeroing_matrix(block, block.attn.qkv, inputs[layer].double(), chunk_size=3)
         ours = ours / ours.sum(dim=-1, keepdim=True)

@@ -18,10 +18,10 @@ CNN = ("test_resnet", {"num_classes": 10})
 def layer_features(served, pixels: torch.Tensor, layer: str) -> torch.Tensor:
     """The layer's output for the batch as (B, C, h, w), patch tokens reshaped to the grid."""
     captured = []
-    handle = served.module.get_submodule(layer).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    handle = served.active_network.get_submodule(layer).register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
         with torch.no_grad():
-            served.module(pixels)
+            served.active_network(pixels)
     finally:
         handle.remove()
     out = captured[0]
@@ -57,7 +57,7 @@ def naive_vit_cx(served, image: torch.Tensor, features: torch.Tensor, target: in
 
     def probability(x: torch.Tensor) -> float:
         with torch.no_grad():
-            return float(served.module(x[None]).softmax(-1)[0, target])
+            return float(served.active_network(x[None]).softmax(-1)[0, target])
 
     p_x = probability(image)
     generator = torch.Generator().manual_seed(seed)

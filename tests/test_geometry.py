@@ -12,7 +12,7 @@ from timm.data import create_transform
 from timm.data.transforms import CenterCropOrPad, MaybeToTensor, ResizeKeepRatio, TrimBorder
 from torchvision import transforms as T
 
-from service.explain.geometry import CropGeometry, UnsupportedTransformError, crop_geometry
+from service.explain.render.geometry import CropGeometry, UnsupportedTransformError, crop_geometry
 
 SQUARE = 3  # side of the bright square, original pixels
 MARGIN = 3.0  # input pixels kept clear of the crop edges when asserting where a square lands

@@ -1,4 +1,4 @@
-"""Unit tests of service.image_decoding: every common PIL mode to RGB, EXIF orientation, errors and size limits."""
+"""Unit tests of service.http.uploads: every common PIL mode to RGB, EXIF orientation, errors and size limits."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from service.errors import ApiError
-from service.image_decoding import decode_image, to_rgb
+from service.http.errors import ApiError
+from service.http.uploads import decode_image, to_rgb
 from tests.helpers import png_bytes, random_image
 
 BIG = 100_000_000  # a max_pixels that no test image reaches

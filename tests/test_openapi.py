@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel, ConfigDict, Field
 
 import api_schemas
-from service import openapi as openapi_module
-from service.app import create_app
+from service.http import openapi as openapi_module
+from service.http.app import create_app
 from tests.helpers import settings_for, tiny_vit_config
 
 PREDICT = "/v1/models/{model_id}/predict"

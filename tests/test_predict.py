@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from service.image_decoding import decode_image
-from service.served_model import ServedModel
-from service.devices import default_cpu_lanes
+from service.http.uploads import decode_image
+from service.model.served import ServedModel
+from service.runtime.devices import default_cpu_lanes
 from tests.helpers import load_models, png_bytes, random_image, running_app, settings_for, tiny_vit_config
 
 pytestmark = pytest.mark.anyio
@@ -47,7 +47,7 @@ class GatedModule(nn.Module):
 def gated_models(**config_overrides) -> tuple[dict[str, ServedModel], GatedModule]:
     settings = settings_for(tiny_vit_config(**config_overrides))
     served = load_models(settings)["tiny_vit"]
-    gated = GatedModule(served.module)
+    gated = GatedModule(served.active_network)
     served.network = gated
     return {"tiny_vit": served}, gated
 
@@ -68,7 +68,7 @@ async def test_http_predictions_equal_the_models_own_output() -> None:
     body = response.json()
     pixels = served.preprocess(decode_image(data, settings.max_image_pixels)).unsqueeze(0)
     with torch.no_grad():
-        expected = served.module(pixels).softmax(-1)[0]
+        expected = served.active_network(pixels).softmax(-1)[0]
     got = torch.zeros(10)
     for p in body["predictions"]:
         got[p["index"]] = p["probability"]
@@ -88,7 +88,7 @@ async def test_concurrent_clients_get_their_own_answers_and_are_batched() -> Non
     with torch.no_grad():
         for data in images:
             pixels = served.preprocess(decode_image(data, settings.max_image_pixels)).unsqueeze(0)
-            expected.append(served.module(pixels).softmax(-1)[0])
+            expected.append(served.active_network(pixels).softmax(-1)[0])
     async with running_app(settings, models) as (client, _):
         responses = await asyncio.gather(*(post_image(client, data, top_k=10) for data in images))
         metrics = (await client.get("/metrics")).text

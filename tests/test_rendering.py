@@ -15,8 +15,8 @@ from PIL import Image
 from timm.data import create_transform
 
 from api_schemas.explain import OutputOptions
-from service.explain.geometry import CropGeometry, crop_geometry
-from service.explain.rendering import RenderOptions, map_statistics, project_map, render_map, render_options
+from service.explain.render.geometry import CropGeometry, crop_geometry
+from service.explain.render.maps import RenderOptions, map_statistics, project_map, render_map, render_options
 
 # A 90x60 original into a 32x32 input at crop_pct 0.875: shorter side 60 -> 36 (scale 0.6), longer 90 -> 54;
 # the 32x32 centre crop starts at left round(22 / 2) = 11, top round(4 / 2) = 2 (resized pixels).

@@ -17,9 +17,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from torch import nn
 
-from service.app import create_app
-from service.image_decoding import decode_image
-from service.served_model import ServedModel
+from service.http.app import create_app
+from service.http.uploads import decode_image
+from service.model.served import ServedModel
 from service.visualization.jobs import JobsClosedError
 from service.visualization.optimizer import gaussian_blur, total_variation
 from tests.helpers import (
@@ -83,7 +83,7 @@ async def test_class_objective_rises_and_the_png_is_the_optimised_image() -> Non
     settings = settings_for(tiny_vit_config())
     models = load_models(settings)
     served = models["tiny_vit"]
-    weights_before = {k: v.clone() for k, v in served.module.state_dict().items()}
+    weights_before = {k: v.clone() for k, v in served.active_network.state_dict().items()}
     async with running_app(settings, models) as (client, _):
         response = await start_job(client, {"objective": CLASS_3, "steps": 40, "jitter": 1, "lr": 0.05})
         assert response.status_code == 202, response.text
@@ -104,12 +104,12 @@ async def test_class_objective_rises_and_the_png_is_the_optimised_image() -> Non
     assert image.size == (32, 32) == (result["width"], result["height"]) and image.mode == "RGB"
     # The returned image really scores what the job reports (up to 8-bit quantisation of the PNG).
     with torch.no_grad():
-        logit = float(served.module(normalised(served, image))[0, 3])
+        logit = float(served.active_network(normalised(served, image))[0, 3])
     assert logit == pytest.approx(result["final_objective"], abs=0.03)
     # Only the image was optimised: the model's weights are untouched and hold no gradients.
-    for name, value in served.module.state_dict().items():
+    for name, value in served.active_network.state_dict().items():
         assert torch.equal(value, weights_before[name]), name
-    assert all(p.grad is None and not p.requires_grad for p in served.module.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in served.active_network.parameters())
 
 
 async def test_channel_objective_rises_at_a_requested_size() -> None:
@@ -129,10 +129,10 @@ async def test_channel_objective_rises_at_a_requested_size() -> None:
     image = decode_png(result["image_png"])
     assert image.size == (64, 48) and (result["width"], result["height"]) == (64, 48)
     captured: list[torch.Tensor] = []
-    layer = dict(served.module.named_modules())["layer2.0.conv1"]
+    layer = dict(served.active_network.named_modules())["layer2.0.conv1"]
     handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
     with torch.no_grad():
-        served.module(normalised(served, image))
+        served.active_network(normalised(served, image))
     handle.remove()
     assert float(captured[0][0, 5].mean()) == pytest.approx(result["final_objective"], abs=0.03)
 
@@ -141,7 +141,7 @@ async def test_progress_advances_and_cancel_stops_the_job() -> None:
     settings = settings_for(tiny_vit_config())
     models = load_models(settings)
     forwards = [0]
-    models["tiny_vit"].module.register_forward_pre_hook(lambda _m, _i: forwards.__setitem__(0, forwards[0] + 1))
+    models["tiny_vit"].active_network.register_forward_pre_hook(lambda _m, _i: forwards.__setitem__(0, forwards[0] + 1))
     async with running_app(settings, models) as (client, _):
         job_id = (await start_job(client, {"objective": CLASS_3, "steps": LONG})).json()["id"]
         early = await wait_job(client, job_id, lambda s: s["progress"]["step"] >= 2)
@@ -176,11 +176,11 @@ async def test_predict_is_served_promptly_while_a_long_job_runs() -> None:
     images = [png_bytes(random_image(seed)) for seed in range(6)]
     with torch.no_grad():
         expected = [
-            served.module(served.preprocess(decode_image(d, settings.max_image_pixels))[None]).softmax(-1)[0]
+            served.active_network(served.preprocess(decode_image(d, settings.max_image_pixels))[None]).softmax(-1)[0]
             for d in images
         ]
     threads: set[str] = set()
-    served.module.register_forward_pre_hook(lambda _m, _i: threads.add(threading.current_thread().name))
+    served.active_network.register_forward_pre_hook(lambda _m, _i: threads.add(threading.current_thread().name))
     async with running_app(settings, models) as (client, _):
         job_id = (await start_job(client, {"objective": CLASS_3, "steps": LONG})).json()["id"]
         before = await wait_job(client, job_id, lambda s: s["progress"]["step"] >= 2)

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from skimage import data as skdata
 
 from service.config import ModelConfig
-from service.weights import WeightsUnavailableError, create_model_with_weights
+from service.model.weights import WeightsUnavailableError, create_model_with_weights
 from tests.helpers import TINY_VIT_KWARGS, png_bytes, running_app, settings_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def test_hub_weights_load_from_a_local_cache_offline_through_the_cli(tmp_path: P
         server.wait(30)
     assert models[0]["weights"] == {"source": "hub", "random": False, "note": None}
     reference.eval()
-    from service.image_decoding import decode_image
+    from service.http.uploads import decode_image
     from timm.data import create_transform, resolve_data_config
 
     transform = create_transform(**resolve_data_config({}, model=reference))

@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from service.explain.head import PooledLinearHead, analyse_pooled_linear_head
+from service.model.anatomy import attention_modules, first_tensor
 
 
 @dataclass(frozen=True)
@@ -45,26 +45,6 @@ class CaptureNeeds:
     @property
     def any_grad(self) -> bool:
         return self.attention_grad or bool(self.layer_grads) or self.input_grad
-
-
-@dataclass(frozen=True)
-class ModelAnatomy:
-    """Where things are in a model, worked out once at load time."""
-
-    family: str  # vit | cnn
-    attention_modules: tuple[str, ...]  # timm attention modules in depth order
-    num_prefix_tokens: int
-    has_class_token: bool
-    grid_size: tuple[int, int] | None  # ViT patch grid (rows, cols)
-    feature_layer: str  # default Grad-CAM layer: the last block's norm1 (ViT) or the last feature map (CNN)
-    module_names: frozenset[str]
-    # logits = linear(optional LayerNorm(average of the final features)), verified at load time (CAM needs it)
-    pooled_linear_head: PooledLinearHead | None = None
-    head_note: str | None = None  # why pooled_linear_head is None
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.attention_modules)
 
 
 class ModelRunner:
@@ -158,25 +138,6 @@ class CaptureBatch:
                        input_grads=input_grads)
 
 
-def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """timm attention modules (fused/explicit switch and an `attn_drop` on the probabilities), in depth order."""
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if hasattr(module, "fused_attn") and isinstance(getattr(module, "attn_drop", None), nn.Module)
-        and hasattr(module, "num_heads")
-    ]
-
-
-def first_tensor(output: object) -> torch.Tensor:
-    """A module's output (or inputs) as one tensor: the tensor itself, or the first of a tuple or list."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot record a module output of type {type(output).__name__}")
-
-
 @dataclass
 class Recording:
     """Graph-attached tensors recorded during a forward pass."""
@@ -190,7 +151,7 @@ _ATTENTION_MODULES: weakref.WeakKeyDictionary[nn.Module, list[nn.Module]] = weak
 
 
 def _cached_attention_modules(model: nn.Module) -> list[nn.Module]:
-    """attention_modules(model), found once per model (walking every module took 0.4 ms, 2% of a batch-1 pass)."""
+    """attention_modules(model), found once per model (walking every module on every batch is a measurable share of a small batch's time)."""
     modules = _ATTENTION_MODULES.get(model)
     if modules is None:
         modules = _ATTENTION_MODULES[model] = [module for _, module in attention_modules(model)]
@@ -230,55 +191,3 @@ def record(model: nn.Module, needs: CaptureNeeds) -> Iterator[Recording]:
             handle.remove()
         for attn, fused in switched:
             attn.fused_attn = fused
-
-
-def _last_feature_map_layer(model: nn.Module, input_size: tuple[int, int, int]) -> str:
-    """The outermost module whose output is the tensor `forward_features` returns (CNNs)."""
-    outputs: dict[str, object] = {}  # the outputs themselves: ids of freed tensors get reused
-    handles = [
-        module.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
-        for name, module in model.named_modules() if name
-    ]
-    try:
-        param = next(model.parameters())
-        with torch.inference_mode():
-            features = model.forward_features(torch.zeros((1, *input_size), dtype=param.dtype, device=param.device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    candidates = [name for name, out in outputs.items() if out is features]
-    if not candidates:
-        raise ValueError("cannot find the module producing the final feature map")
-    return min(candidates, key=lambda name: name.count("."))
-
-
-def analyse_model(model: nn.Module, family: str, input_size: tuple[int, int, int]) -> ModelAnatomy:
-    """Find the attention modules, prefix tokens, patch grid and default Grad-CAM layer of a timm model."""
-    names = frozenset(name for name, _ in model.named_modules() if name)
-    attn = tuple(name for name, _ in attention_modules(model))
-    num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0)) if family == "vit" else 0
-    try:
-        head, head_note = analyse_pooled_linear_head(model, input_size, num_prefix_tokens)
-    except Exception as exc:  # an unusual model must still load; CAM is then unavailable
-        head, head_note = None, f"its head could not be analysed ({type(exc).__name__}: {exc})"
-    if family == "vit":
-        patch_embed = getattr(model, "patch_embed", None)
-        grid = tuple(patch_embed.grid_size) if patch_embed is not None else None
-        blocks = getattr(model, "blocks", None)
-        feature_layer = f"blocks.{len(blocks) - 1}.norm1" if blocks is not None else attn[-1]
-        return ModelAnatomy(
-            family=family,
-            attention_modules=attn,
-            num_prefix_tokens=num_prefix_tokens,
-            has_class_token=bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None)),
-            grid_size=grid,  # type: ignore[arg-type]
-            feature_layer=feature_layer,
-            module_names=names,
-            pooled_linear_head=head,
-            head_note=head_note,
-        )
-    return ModelAnatomy(
-        family=family, attention_modules=attn, num_prefix_tokens=0, has_class_token=False, grid_size=None,
-        feature_layer=_last_feature_map_layer(model, input_size), module_names=names,
-        pooled_linear_head=head, head_note=head_note,
-    )

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from service.explain.captures import CaptureBatch, CaptureNeeds, ModelRunner, record
 from service.explain.registry import ExplainMethod
 from service.explain.targets import TargetRequest
-from service.served_model import ServedModel
+from service.model.served import ServedModel
 
 
 @dataclass(frozen=True)
@@ -80,11 +80,11 @@ class _Forward:
 
 
 def _forward(served: ServedModel, pixels: torch.Tensor, needs: CaptureNeeds) -> _Forward:
-    with record(served.module, needs) as recording, torch.set_grad_enabled(needs.any_grad):
+    with record(served.active_network, needs) as recording, torch.set_grad_enabled(needs.any_grad):
         batch = pixels.to(device=served.device, dtype=served.dtype)
         if needs.any_grad:
             batch.requires_grad_(True)
-        logits = served.module(batch)
+        logits = served.active_network(batch)
     return _Forward(batch, logits, recording.attentions, recording.layers, recording.layer_inputs)
 
 
@@ -126,7 +126,7 @@ def run_explain_batch(
         attentions=[a.detach().float() for a in forward.attentions],
         layers={name: t.detach().float() for name, t in forward.layers.items()},
         layer_inputs={name: t.detach().float() for name, t in forward.layer_inputs.items()},
-        runner=ModelRunner(served.module, served.device, served.dtype, chunk_size,
+        runner=ModelRunner(served.active_network, served.device, served.dtype, chunk_size,
                            mean=served.data_config.get("mean"), std=served.data_config.get("std")),
     )
     targets = [job.target.resolve(captures.logits[i]) for i, job in enumerate(jobs)]

@@ -10,7 +10,8 @@ from typing import Callable, Generic, Literal, TypeVar
 import torch
 from pydantic import BaseModel
 
-from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
+from service.explain.captures import CaptureBatch, CaptureNeeds
+from service.model.anatomy import ModelAnatomy
 
 Family = Literal["vit", "cnn"]
 P = TypeVar("P", bound=BaseModel)

@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from api_schemas import ErrorDetail, JobProgress, JobStatus, VisualizationRequest, VisualizationResult
-from service.devices import DeviceWorkers
-from service.served_model import ServedModel
+from service.runtime.devices import DeviceWorkers
+from service.model.served import ServedModel
 from service.visualization.objective import Objective, ObjectiveError
 from service.visualization.optimizer import ActivationMaximizer, OptimizationSettings
 
@@ -55,7 +55,7 @@ def encode_png(image: np.ndarray) -> str:
 
 
 @dataclass
-class Job:
+class VisualizationJob:
     """One job as the server holds it. Only the event loop changes it."""
 
     id: str
@@ -118,7 +118,7 @@ class JobManager:
         self._encode_pool = encode_pool
         self.max_jobs = max_jobs
         self.max_finished_jobs = max_finished_jobs
-        self._jobs: dict[str, Job] = {}
+        self._jobs: dict[str, VisualizationJob] = {}
         self._shapes: dict[tuple[str, str | None, tuple[int, int]], tuple[int, ...]] = {}
         self._closed = False
 
@@ -141,7 +141,7 @@ class JobManager:
         Returns the objective and the request with its size filled in; raises ObjectiveError naming the field.
         """
         objective = Objective(request.objective)
-        names = frozenset(name for name, _ in served.module.named_modules() if name)
+        names = frozenset(name for name, _ in served.active_network.named_modules() if name)
         objective.check_static(names, served.num_classes)
         default = (served.input_size[1], served.input_size[2])
         size = (request.size[0], request.size[1]) if request.size is not None else default
@@ -158,7 +158,7 @@ class JobManager:
 
         def probe() -> tuple[int, ...]:
             x = torch.zeros((1, served.input_size[0], *size), device=served.device, dtype=served.dtype)
-            return objective.bind(served.module).probe(x)
+            return objective.bind(served.active_network).probe(x)
 
         try:
             shape = await asyncio.get_running_loop().run_in_executor(self._workers.for_device(served.device), probe)
@@ -175,22 +175,22 @@ class JobManager:
         self._shapes[key] = shape
         return shape
 
-    def start(self, served: ServedModel, objective: Objective, params: VisualizationRequest) -> Job:
+    def start(self, served: ServedModel, objective: Objective, params: VisualizationRequest) -> VisualizationJob:
         """Create the job and its task; raises JobLimitError when `max_jobs` are active."""
         self.check_capacity()
-        job = Job(id=uuid.uuid4().hex, model_id=served.id, params=params)
+        job = VisualizationJob(id=uuid.uuid4().hex, model_id=served.id, params=params)
         self._jobs[job.id] = job
         job.task = asyncio.get_running_loop().create_task(self._run(job, served, objective),
                                                           name=f"visualization-{job.id}")
         return job
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, job_id: str) -> VisualizationJob | None:
         return self._jobs.get(job_id)
 
-    def jobs(self) -> Sequence[Job]:
+    def jobs(self) -> Sequence[VisualizationJob]:
         return list(self._jobs.values())
 
-    def cancel(self, job_id: str) -> Job | None:
+    def cancel(self, job_id: str) -> VisualizationJob | None:
         """Cancel an active job (it stays listed as cancelled); forget a finished one. None when unknown."""
         job = self._jobs.get(job_id)
         if job is None:
@@ -221,7 +221,7 @@ class JobManager:
         for job_id in finished[: max(0, len(finished) - self.max_finished_jobs)]:
             del self._jobs[job_id]
 
-    async def _run(self, job: Job, served: ServedModel, objective: Objective) -> None:
+    async def _run(self, job: VisualizationJob, served: ServedModel, objective: Objective) -> None:
         loop = asyncio.get_running_loop()
         executor = self._workers.for_device(served.device)
         params = job.params
@@ -231,7 +231,7 @@ class JobManager:
         if len(mean) != channels:
             mean, std = (mean[0],) * channels, (std[0],) * channels
         maximizer = ActivationMaximizer(
-            served.module, served.device, served.dtype, mean, std, objective,
+            served.active_network, served.device, served.dtype, mean, std, objective,
             OptimizationSettings(
                 steps=params.steps, lr=params.lr, l2_weight=params.l2_weight, tv_weight=params.tv_weight,
                 jitter=params.jitter, blur_every=params.blur_every, blur_sigma=params.blur_sigma, seed=params.seed,

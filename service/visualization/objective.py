@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from api_schemas import ChannelObjective, ClassObjective, LayerObjective, TokenObjective
-from service.explain.captures import first_tensor
+from service.model.anatomy import first_tensor
 
 ObjectiveSpec = ClassObjective | ChannelObjective | LayerObjective | TokenObjective
 

@@ -15,10 +15,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.sparse.csgraph import maximum_flow
 
-from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
+from service.explain.captures import CaptureBatch, CaptureNeeds
+from service.model.anatomy import ModelAnatomy
 from service.explain.registry import MethodOutput, register_method
-from service.explain.rollout_math import rollout_matrix
-from service.explain.tokens import HeadFusion, check_class_token_attention, patch_tokens_to_grid
+from service.explain.methods._rollout import rollout_matrix
+from service.explain.methods._tokens import HeadFusion, check_class_token_attention, patch_tokens_to_grid
 
 CAPACITY_SCALE = 1_000_000
 

@@ -7,10 +7,11 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
+from service.explain.captures import CaptureBatch, CaptureNeeds
+from service.model.anatomy import ModelAnatomy
 from service.explain.registry import MethodOutput, register_method
-from service.explain.rollout_math import add_residual_and_normalise, class_token_row
-from service.explain.tokens import (
+from service.explain.methods._rollout import add_residual_and_normalise, class_token_row
+from service.explain.methods._tokens import (
     HeadFusion,
     check_class_token_attention,
     check_layer_index,

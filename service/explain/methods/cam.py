@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
+from service.explain.captures import CaptureBatch, CaptureNeeds
+from service.model.anatomy import ModelAnatomy
 from service.explain.registry import MethodOutput, register_method
-from service.explain.tokens import token_features_to_map
+from service.explain.methods._tokens import token_features_to_map
 
 
 class CamParams(BaseModel):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
+from service.explain.captures import CaptureBatch, CaptureNeeds
+from service.model.anatomy import ModelAnatomy
 from service.explain.methods.grad_rollout import ATTENTION_GRADIENT_COST_NOTE
 from service.explain.registry import MethodOutput, register_method
-from service.explain.tokens import check_class_token_attention, patch_tokens_to_grid
+from service.explain.methods._tokens import check_class_token_attention, patch_tokens_to_grid
 
 
 class GaeParams(BaseModel):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
+from service.explain.captures import CaptureBatch, CaptureNeeds
+from service.model.anatomy import ModelAnatomy
 from service.explain.registry import MethodOutput, register_method
-from service.explain.rollout_math import class_token_row, rollout_matrix
-from service.explain.tokens import HeadFusion, check_class_token_attention, check_layer_index, patch_tokens_to_grid
+from service.explain.methods._rollout import class_token_row, rollout_matrix
+from service.explain.methods._tokens import HeadFusion, check_class_token_attention, check_layer_index, patch_tokens_to_grid
 
 
 class GradRolloutParams(BaseModel):

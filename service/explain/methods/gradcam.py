@@ -7,9 +7,10 @@ from typing import Callable
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
+from service.explain.captures import CaptureBatch, CaptureNeeds
+from service.model.anatomy import ModelAnatomy
 from service.explain.registry import ComputeFn, MethodOutput, register_method
-from service.explain.tokens import token_features_to_map
+from service.explain.methods._tokens import token_features_to_map
 
 
 class GradCamParams(BaseModel):

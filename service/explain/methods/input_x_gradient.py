@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
-from service.explain.input_attribution import (
+from service.explain.captures import CaptureBatch, CaptureNeeds
+from service.model.anatomy import ModelAnatomy
+from service.explain.methods._input import (
     INPUT_GRADIENT_COST_NOTE,
     ATTRIBUTION_REDUCE_DESCRIPTION,
     INPUT_RESOLUTION_NOTE,

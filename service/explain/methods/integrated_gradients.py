@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy, ModelRunner
-from service.explain.input_attribution import (
+from service.explain.captures import CaptureBatch, CaptureNeeds, ModelRunner
+from service.model.anatomy import ModelAnatomy
+from service.explain.methods._input import (
     ATTRIBUTION_REDUCE_DESCRIPTION,
     INPUT_RESOLUTION_NOTE,
     AttributionReduce,

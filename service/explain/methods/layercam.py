@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from service.explain.captures import CaptureBatch, ModelAnatomy
+from service.explain.captures import CaptureBatch
+from service.model.anatomy import ModelAnatomy
 from service.explain.methods.gradcam import GradCamParams, activations_and_gradients, register_gradient_cam
 from service.explain.registry import MethodOutput
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
+from service.explain.captures import CaptureBatch, CaptureNeeds
+from service.model.anatomy import ModelAnatomy
 from service.explain.registry import MethodOutput, register_method
-from service.explain.rollout_math import discard_lowest
-from service.explain.tokens import (
+from service.explain.methods._rollout import discard_lowest
+from service.explain.methods._tokens import (
     TOKEN_DESCRIPTION,
     HeadFusion,
     TokenChoice,

@@ -7,8 +7,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
-from service.explain.input_attribution import (
+from service.explain.captures import CaptureBatch, CaptureNeeds
+from service.model.anatomy import ModelAnatomy
+from service.explain.methods._input import (
     INPUT_RESOLUTION_NOTE,
     MAGNITUDE_REDUCE_DESCRIPTION,
     MagnitudeReduce,

@@ -18,10 +18,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
+from service.explain.captures import CaptureBatch, CaptureNeeds
+from service.model.anatomy import ModelAnatomy
 from service.explain.registry import MethodOutput, register_method
-from service.explain.rollout_math import class_token_row, normalise_rows
-from service.explain.tokens import (
+from service.explain.methods._rollout import class_token_row, normalise_rows
+from service.explain.methods._tokens import (
     aggregated_layers,
     check_class_token_attention,
     check_layer_index,

@@ -20,11 +20,12 @@ from pydantic import Field
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
-from service.explain.captures import CaptureBatch, CaptureNeeds, ModelAnatomy
-from service.explain.input_attribution import chunk_segments, normal_noise, seeded_generator
+from service.explain.captures import CaptureBatch, CaptureNeeds
+from service.model.anatomy import ModelAnatomy
+from service.explain.methods._input import chunk_segments, normal_noise, seeded_generator
 from service.explain.methods.gradcam import GradCamParams, check_target_layer, target_layer
 from service.explain.registry import MethodOutput, register_method
-from service.explain.tokens import token_features_to_map
+from service.explain.methods._tokens import token_features_to_map
 
 
 class VitCxParams(GradCamParams):

@@ -1,0 +1,313 @@
+"""The benchmark's targets, and its report as markdown."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.environment import machine_summary
+from benchmarks.references import MAX_ABS_DIFF_TARGET
+
+HTTP_VS_BASELINE = 0.90
+BATCHING_GAIN = {"cpu": 1.2, "cuda": 5.0}
+ATTENTION_COST = 1.15  # raw_attention, rollout
+GRADIENT_COST = 3.0  # gradcam, grad_rollout, gae
+COST_TARGETS = {"raw_attention": ATTENTION_COST, "rollout": ATTENTION_COST, "gradcam": GRADIENT_COST,
+                "grad_rollout": GRADIENT_COST, "gae": GRADIENT_COST}
+REFERENCE_SPEEDUP = 1.5
+
+
+def _target(name: str, value: float | None, threshold: float, higher_is_better: bool, note: str = "") -> dict[str, Any]:
+    met = None if value is None else (value >= threshold if higher_is_better else value <= threshold)
+    return {"target": name, "value": value, "threshold": threshold, "comparison": ">=" if higher_is_better else "<=",
+            "met": met, "note": note}
+
+
+def _predict_point(result: dict[str, Any], mode: str, concurrency: int) -> dict[str, Any] | None:
+    for point in result["predict"]:
+        if point["mode"] == mode and point["concurrency"] == concurrency and point["requests_ok"] > 0:
+            return point
+    return None
+
+
+def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets for one model, from the measurements present (missing ones are left out)."""
+    targets = []
+    levels = sorted({p["concurrency"] for p in result["predict"]})
+    if levels:
+        clients = 32 if 32 in levels else levels[-1]
+        on, off = _predict_point(result, "batching_on", clients), _predict_point(result, "batching_off", clients)
+        baseline = result["baseline"].get("images_per_s")
+        if on is not None and baseline:
+            targets.append(_target(
+                f"/predict throughput at {clients} clients / in-process baseline", on["throughput_rps"] / baseline,
+                HTTP_VS_BASELINE, True,
+                f"{on['throughput_rps']:.1f} req/s vs {baseline:.1f} img/s at batch {result['max_batch_size']}",
+            ))
+        if on is not None and off is not None and off["throughput_rps"] > 0:
+            device = "cuda" if result["device"].startswith("cuda") else "cpu"
+            targets.append(_target(
+                f"batching on / off at {clients} clients ({device})", on["throughput_rps"] / off["throughput_rps"],
+                BATCHING_GAIN[device], True,
+                f"{on['throughput_rps']:.1f} vs {off['throughput_rps']:.1f} req/s",
+            ))
+    for row in result["explain_cost"]:
+        threshold = COST_TARGETS.get(row["method"])
+        if threshold is None or row["status"] != "ok":
+            continue
+        for batch in row["batches"]:
+            targets.append(_target(
+                f"{row['method']} cost at batch {batch['batch_size']} (x forward)", batch["cost_x_forward"],
+                threshold, False,
+            ))
+    for comparison in result["references"]:
+        if comparison["status"] != "ok":
+            continue
+        close = comparison["max_abs_diff"] < MAX_ABS_DIFF_TARGET
+        targets.append(_target(
+            f"{comparison['comparison']} vs {comparison['reference']}: speed-up", comparison["speedup"],
+            REFERENCE_SPEEDUP, True,
+            f"max abs difference {comparison['max_abs_diff']:.1e} ({'<' if close else '>='} "
+            f"{MAX_ABS_DIFF_TARGET:g})",
+        ))
+        targets.append(_target(
+            f"{comparison['comparison']} vs {comparison['reference']}: max abs difference",
+            comparison["max_abs_diff"], MAX_ABS_DIFF_TARGET, False,
+        ))
+    return targets
+
+
+def analyse_cpu(result: dict[str, Any]) -> dict[str, Any]:
+    """Where the CPU of one /predict request goes, at the largest client count with batching on, and the best
+    HTTP/baseline ratio that this split allows when every core is busy (no other programs running).
+
+    model: the forward pass's CPU per image in the in-process baseline (its intra-op threads' spinning included);
+    decode and preprocess: the photo's, timed alone on one thread; client: the load generator's CPU per request.
+    """
+    levels = sorted({p["concurrency"] for p in result["predict"]})
+    baseline = result["baseline"]
+    samples = [baseline[k]["cpu_ms_per_image"] for k in ("before", "after")
+               if k in baseline and baseline[k].get("cpu_ms_per_image") is not None]
+    point = _predict_point(result, "batching_on", 32 if 32 in levels else levels[-1]) if levels else None
+    if point is None or not samples or point["cpu_ms_per_request"]["server"] is None:
+        return {}
+    model = min(samples)  # the least-disturbed measurement
+    server = point["cpu_ms_per_request"]["server"]
+    client = point["cpu_ms_per_request"]["client"] or 0.0
+    pipeline = baseline.get("input_pipeline", {})
+    decode, preprocess = pipeline.get("decode_ms"), pipeline.get("preprocess_ms")
+    cpu = point["cpu"]
+    used = [cpu.get(f"{role}_cores") for role in ("server", "client", "other")]
+    return {
+        "clients": point["concurrency"],
+        "model_cpu_ms_per_image": model,
+        "server_cpu_ms_per_request": server,
+        "client_cpu_ms_per_request": client,
+        "decode_ms": decode,
+        "preprocess_ms": preprocess,
+        "ceiling_ratio": model / (server + client),
+        "ceiling_ratio_without_client": model / server,
+        "cores_used": None if None in used else sum(used),  # type: ignore[arg-type]
+        "cores_available": cpu.get("cores_available"),
+    }
+
+
+def _analysis_lines(result: dict[str, Any]) -> list[str]:
+    a = result.get("analysis") or {}
+    if not a:
+        return []
+    pipeline = "" if a["decode_ms"] is None else (
+        f"; decoding this photo and preprocessing it cost {_f(a['decode_ms'])} + {_f(a['preprocess_ms'])} ms on one "
+        "thread")
+    used = "" if a.get("cores_used") is None else (
+        f" Here {_f(a['cores_used'], 2)} of {a['cores_available']} cores were busy (server, load generator and "
+        "other programs).")
+    return ["", f"CPU per request at {a['clients']} clients with batching on: the server "
+            f"{_f(a['server_cpu_ms_per_request'])} ms, the load generator {_f(a['client_cpu_ms_per_request'])} ms "
+            f"(the baseline spends {_f(a['model_cpu_ms_per_image'])} ms of CPU per image on the forward pass alone"
+            f"{pipeline}). With every core busy, the HTTP throughput can reach at most "
+            f"{_f(a['ceiling_ratio'], 2)}x the in-process baseline "
+            f"({_f(a['ceiling_ratio_without_client'], 2)}x with the load generator on another machine).{used}"]
+
+
+# --- Markdown -------------------------------------------------------------------------------------------------------
+
+
+def _f(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != 0 and abs(value) < 10 ** -digits:
+            return f"{value:.1e}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share * 100:.0f} %"
+
+
+def _other(cpu: dict[str, Any]) -> str:
+    """Other programs' cores, and the hypervisor's (steal) when there was any."""
+    stolen = cpu.get("steal_cores")
+    return _cores(cpu, "other") + (f" (+{stolen:.2f} stolen)" if stolen and stolen >= 0.005 else "")
+
+
+def _cores(cpu: dict[str, Any], role: str) -> str:
+    value = cpu.get(f"{role}_cores")
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _baseline_lines(result: dict[str, Any]) -> list[str]:
+    baseline = result["baseline"]
+    if not baseline:
+        return []
+    rows = []
+    for when in ("before", "after"):
+        if when in baseline:
+            b = baseline[when]
+            rows.append([when + (" the HTTP runs" if "after" in baseline else ""), str(b["batch_size"]),
+                         _f(b["batch_ms"]), _f(b["images_per_s"]), _percent(b["spread"]),
+                         _other(b["cpu"])])
+    lines = (["", f"**In-process baseline** (forward pass at the batch cap, no HTTP, no queue): "
+              f"**{_f(baseline.get('images_per_s'))} img/s**", ""]
+             + _table(["when", "batch", "ms / batch", "img/s", "spread", "other programs (cores)"], rows))
+    lanes = baseline.get("lanes")
+    if lanes:
+        lines += ["", f"For comparison, not a target: in process with the server's {lanes['lanes']} CPU lanes (passes "
+                      f"at batch {lanes['batch_size']} on each at once, torch's threads split between them, no "
+                      f"HTTP): {_f(lanes['images_per_s'])} img/s (other programs: {_other(lanes['cpu'])} cores)."]
+    return lines
+
+
+def _load_rows(points: list[dict[str, Any]], label: str) -> list[list[str]]:
+    rows = []
+    for p in points:
+        latency = p["latency_ms"]
+        errors = ", ".join(f"{k}: {v}" for k, v in sorted(p["errors"].items())) or "0"
+        rows.append([
+            p[label], str(p["concurrency"]), _f(p["throughput_rps"]), _f(latency["p50"]), _f(latency["p95"]),
+            _f(latency["p99"]), _f(p["mean_batch_size"]), _cores(p["cpu"], "server"), _cores(p["cpu"], "client"),
+            _percent(p["cpu"].get("client_share")),
+            _other(p["cpu"]),
+            str(p["requests_ok"]), errors,
+        ])
+    return rows
+
+
+LOAD_HEADER = ["mode", "clients", "req/s", "p50 ms", "p95 ms", "p99 ms", "mean batch", "server cores",
+               "client cores", "client share", "other programs (cores)", "requests", "errors"]
+
+
+def _cost_lines(result: dict[str, Any]) -> list[str]:
+    rows_in = result["explain_cost"]
+    if not rows_in:
+        return []
+    sizes = sorted({b["batch_size"] for row in rows_in for b in row["batches"]})
+    header = ["method"]
+    for size in sizes:
+        header += [f"ms/img @{size}", f"x forward @{size}"]
+    header += ["registry cost", "note"]
+    rows = []
+    for row in rows_in:
+        by_size = {b["batch_size"]: b for b in row["batches"]}
+        cells = [row["method"]]
+        for size in sizes:
+            b = by_size.get(size)
+            cells += [_f(b["explain_ms_per_image"]) if b else "-", _f(b["cost_x_forward"], 2) if b else "-"]
+        note = row["note"] or ""
+        if row["status"] != "ok":
+            note = f"{row['status']}: {note}"
+        cells += [_f(row["registry_relative_cost"], 2), note.replace("|", "/")]
+        rows.append(cells)
+    forward: dict[int, float] = {}
+    for row in rows_in:
+        for b in row["batches"]:
+            per_image = b["forward_ms"] / b["batch_size"]
+            forward[b["batch_size"]] = min(forward.get(b["batch_size"], per_image), per_image)
+    forward_text = ", ".join(f"{_f(forward[s])} ms/img at batch {s}" for s in sorted(forward))
+    return ["", f"**Explanation cost in process** (`run_explain_batch` on the photo, default params, top-1 target; "
+            f"each method timed alternately with the /predict forward pass at the same batch, best of n runs of each "
+            f"(at least 3, one for the expensive methods); the forward pass: {forward_text}):", ""] + _table(header, rows)
+
+
+def _reference_lines(result: dict[str, Any]) -> list[str]:
+    if not result["references"]:
+        return []
+    rows = []
+    for c in result["references"]:
+        if c["status"] == "ok":
+            rows.append([c["comparison"], c["reference"], c["architecture"], str(c["batch_size"]),
+                         _f(c["ours_ms_per_image"]), _f(c["reference_ms_per_image"]), _f(c["speedup"], 2) + "x",
+                         f"{c['max_abs_diff']:.1e}", (c["note"] or "").replace("|", "/")])
+        else:
+            rows.append([c["comparison"], c["reference"], c.get("architecture") or "-", "-", "-", "-", "-", "-",
+                         f"{c['status']}: {c['note']}".replace("|", "/")])
+    return ["", "**Against reference implementations** (same process, same inputs, timed alternately, best of n "
+            "runs each; speed-up = their time / ours; difference of min-max-normalised maps):", ""] + _table(
+        ["method", "reference", "model", "batch", "ours ms/img", "theirs ms/img", "speed-up", "max abs diff", "note"],
+        rows)
+
+
+def _target_lines(result: dict[str, Any]) -> list[str]:
+    if not result["targets"]:
+        return []
+    rows = []
+    for t in result["targets"]:
+        value = t["value"]
+        shown = f"{value:.1e}" if value is not None and t["threshold"] < 0.01 else _f(value, 2)
+        threshold = f"{t['threshold']:g}"
+        met = {True: "met", False: "**missed**", None: "-"}[t["met"]]
+        rows.append([t["target"], shown, f"{t['comparison']} {threshold}", met, t["note"]])
+    return ["", "**Targets**:", ""] + _table(["target", "measured", "wanted", "", "detail"], rows)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    lines = [
+        f"### saliency-server benchmark{' (smoke run: timings meaningless)' if report['smoke'] else ''}",
+        "",
+        f"- Date: {env['date']}; machine: {machine_summary(env)}; device: `{env['device']}`; "
+        f"torch threads: {env['torch_threads']}",
+        f"- Versions: Python {env['python']}, {versions}; git {env['git'] or 'unknown'}",
+        f"- Command: `{report['command']}` (took {report.get('duration_s', 0):.0f} s)",
+        f"- Image: {report['image']['source']} ({report['image']['width']}x{report['image']['height']}, "
+        f"{report['image']['bytes']} bytes, {report['image']['content_type']}), sent as a multipart upload",
+        f"- Load points: {report['settings']['warmup_s']:g} s warm-up, then {report['settings']['duration_s']:g} s"
+        + (f" or {report['settings']['requests']} requests" if report['settings']['requests'] else "")
+        + "; closed-loop clients in a separate process (a minimal HTTP/1.1 client on asyncio, keep-alive). "
+        "CPU columns are cores in use (CPU seconds per second): the server, the load generator, and other "
+        "programs on the machine.",
+    ]
+    if report.get("server"):
+        lines.append(f"- Server start-up (load and warm-up of every model): {report['server']['startup_s']:.1f} s")
+    for note in report["notes"]:
+        lines.append(f"- {note}")
+    for result in report["models"]:
+        weights = result["weights"]
+        lines += [
+            "",
+            f"#### {result['id']} ({result['architecture']}, {result['family']}, {result['device']}, "
+            f"{result['dtype']}, input {'x'.join(map(str, result['input_size'][1:]))}, weights "
+            f"{'RANDOM' if weights['random'] else weights['source']}, max_batch_size {result['max_batch_size']}, "
+            f"max_wait_ms {result['max_wait_ms']:g}, lanes {result.get('lanes', 1)})",
+        ]
+        lines += _baseline_lines(result)
+        if result["predict"]:
+            lines += ["", "**/predict over HTTP** (batching off: the same model served with max_batch_size = 1):", ""]
+            lines += _table(LOAD_HEADER, _load_rows(result["predict"], "mode"))
+            lines += _analysis_lines(result)
+        if result["explain_http"]:
+            lines += ["", f"**/explain over HTTP** ({result['explain_http'][0]['method']}, "
+                      f"{result['explain_http'][0]['output']}):", ""]
+            lines += _table(["method"] + LOAD_HEADER[1:], _load_rows(result["explain_http"], "method"))
+        lines += _cost_lines(result)
+        lines += _reference_lines(result)
+        lines += _target_lines(result)
+    return "\n".join(lines) + "\n"

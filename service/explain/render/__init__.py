@@ -1,0 +1,1 @@
+"""From a map on the token or feature grid to what the API returns: crop geometry, projection, PNGs, raw arrays."""

@@ -1,0 +1,98 @@
+"""The FastAPI application: lifespan (load, queue, warm, drain), routes and error handling."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import __version__
+from service.http.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
+from service.config import ServerSettings
+from service.http.errors import ApiError, error_body
+from service.http.openapi import install_openapi
+from service.http.routes import explain as explain_routes
+from service.http.routes import health as health_routes
+from service.http.routes import jobs as jobs_routes
+from service.http.routes import methods as methods_routes
+from service.http.routes import metrics as metrics_routes
+from service.http.routes import models as models_routes
+from service.http.routes import predict as predict_routes
+from service.model.served import ServedModel, load_served_model
+from service.http.state import ServiceState
+
+log = logging.getLogger(__name__)
+
+ModelLoader = Callable[[ServerSettings], dict[str, ServedModel]]
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "body_too_large"}
+
+
+def load_models(settings: ServerSettings) -> dict[str, ServedModel]:
+    """Load every configured model; any model whose weights cannot be obtained fails start-up."""
+    if not settings.models:
+        raise ValueError("no models configured")
+    return {cfg.id: load_served_model(cfg, settings) for cfg in settings.models}
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return JSONResponse(error_body("invalid_request", "; ".join(parts)), status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(error_body("internal_error", f"{type(exc).__name__}: {exc}"), status_code=500)
+
+
+def create_app(
+    settings: ServerSettings,
+    models: dict[str, ServedModel] | None = None,
+    model_loader: ModelLoader = load_models,
+) -> FastAPI:
+    """Build the app. `models` injects already-loaded models (tests); otherwise `model_loader` runs at start-up."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = models if models is not None else await asyncio.to_thread(model_loader, settings)
+        state = ServiceState(settings=settings, models=loaded)
+        app.state.service = state
+        state.start_queues()
+        state.warmup_task = asyncio.create_task(state.warm_up(), name="warm-up")
+        try:
+            yield
+        finally:
+            await state.shutdown()
+
+    app = FastAPI(
+        title="saliency-server",
+        version=__version__,
+        description="Batched predictions and saliency maps for timm image classifiers.",
+        lifespan=lifespan,
+    )
+    for routes in (health_routes, models_routes, predict_routes, explain_routes, methods_routes, metrics_routes,
+                   jobs_routes):
+        app.include_router(routes.router)
+    _install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, service=lambda: getattr(app.state, "service", None))
+    install_openapi(app)
+    return app

@@ -1,0 +1,91 @@
+"""ASGI middleware: bodies over the configured size rejected with 413 before they are buffered; requests counted."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING, Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.http.errors import ApiError
+
+if TYPE_CHECKING:
+    from service.http.state import ServiceState
+
+_MODEL_PATH = re.compile(r"^/v1/models/([^/]+)/([a-z_]+)$")
+
+
+class BodySizeLimitMiddleware:
+    """Checks Content-Length up front and counts streamed bytes for chunked bodies."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    def _too_large(self, size: int | str) -> ApiError:
+        return ApiError(
+            413, "body_too_large", f"request body is {size} bytes; the limit is {self.max_body_bytes} bytes"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
+                await _send_error(send, self._too_large(int(value)))
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise self._too_large(f"more than {self.max_body_bytes}")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _send_error(send: Send, error: ApiError) -> None:
+    body = json.dumps(error.body()).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestMetricsMiddleware:
+    """Counts model requests by model (`unknown` for ids that are not served), endpoint and status code."""
+
+    def __init__(self, app: ASGIApp, service: Callable[[], ServiceState | None]) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = _MODEL_PATH.match(scope.get("path", "")) if scope["type"] == "http" else None
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            service = self.service()
+            if service is not None:
+                model = match.group(1) if match.group(1) in service.models else "unknown"
+                service.metrics.requests.labels(model, match.group(2), str(status)).inc()

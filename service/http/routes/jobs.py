@@ -1,0 +1,102 @@
+"""Visualization jobs (`POST /v1/models/{model_id}/visualizations`, `GET/DELETE /v1/jobs/{job_id}`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Path, Response
+
+from api_schemas import ErrorResponse, JobListResponse, JobStatus, VisualizationRequest
+from service.http.dependencies import get_ready_model, get_state
+from service.http.errors import ApiError, error_responses
+from service.model.served import ServedModel
+from service.http.state import ServiceState
+from service.visualization.jobs import JobLimitError, JobsClosedError, VisualizationJob
+from service.visualization.objective import ObjectiveError
+
+router = APIRouter(tags=["visualization"])
+
+JOB_ID = Path(description="Job id, as returned by POST /v1/models/{model_id}/visualizations.")
+
+
+def _job_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    responses = error_responses(*(s for s in statuses if s not in (404, 429)))
+    if 404 in statuses:
+        responses[404] = {"model": ErrorResponse, "description": "No such job (never created, or evicted)."}
+    if 429 in statuses:
+        responses[429] = {"model": ErrorResponse,
+                          "description": "`max_jobs` jobs are queued or running already (see Retry-After)."}
+    return responses
+
+
+def _job_or_404(state: ServiceState, job_id: str) -> VisualizationJob:
+    job = state.jobs.get(job_id)
+    if job is None:
+        raise ApiError(404, "job_not_found", f"no job {job_id!r}")
+    return job
+
+
+@router.post(
+    "/v1/models/{model_id}/visualizations",
+    response_model=JobStatus,
+    status_code=202,
+    summary="Start an activation-maximisation job",
+    description="Optimises an input image to maximise a class logit or the mean activation of a module, a channel "
+    "or a token. Returns at once with the job (status `queued`) and its URL in `Location`; poll GET /v1/jobs/{id} "
+    "for progress and, once `succeeded`, the PNG and the objective curve. The objective is validated against the "
+    "model first (unknown module, channel/token/class out of range: 422). Jobs run one step at a time on the "
+    "model's device, between prediction batches.",
+    responses={
+        **error_responses(404, 422, 500, 503),
+        429: {"model": ErrorResponse, "description": "`max_jobs` jobs are queued or running already."},
+    },
+)
+async def start_visualization(
+    body: VisualizationRequest,
+    response: Response,
+    served: ServedModel = Depends(get_ready_model),
+    state: ServiceState = Depends(get_state),
+) -> JobStatus:
+    try:
+        state.jobs.check_capacity()  # before the probe: no work for a request that will be refused
+        objective, params = await state.jobs.prepare(served, body)
+        job = state.jobs.start(served, objective, params)
+    except ObjectiveError as exc:
+        raise ApiError(422, "invalid_request", str(exc)) from None
+    except JobLimitError as exc:
+        raise ApiError(429, "too_many_jobs", str(exc), {"Retry-After": "5"}) from None
+    except JobsClosedError as exc:
+        raise ApiError(503, "shutting_down", str(exc), {"Retry-After": "5"}) from None
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job.to_status()
+
+
+@router.get("/v1/jobs", response_model=JobListResponse, summary="Every job the server holds (without results)")
+async def list_jobs(state: ServiceState = Depends(get_state)) -> JobListResponse:
+    return JobListResponse(jobs=[job.to_status(include_result=False) for job in state.jobs.jobs()])
+
+
+@router.get(
+    "/v1/jobs/{job_id}",
+    response_model=JobStatus,
+    summary="A job's status, progress and result",
+    responses=_job_errors(404),
+)
+async def get_job(job_id: str = JOB_ID, state: ServiceState = Depends(get_state)) -> JobStatus:
+    return _job_or_404(state, job_id).to_status()
+
+
+@router.delete(
+    "/v1/jobs/{job_id}",
+    response_model=JobStatus,
+    summary="Cancel a job (or forget a finished one)",
+    description="A queued or running job is cancelled: it stops before its next step and stays listed with status "
+    "`cancelled`. A finished job (succeeded, failed or cancelled) is forgotten: its result is discarded and later "
+    "requests for it get 404. Returns the job's status.",
+    responses=_job_errors(404),
+)
+async def cancel_job(job_id: str = JOB_ID, state: ServiceState = Depends(get_state)) -> JobStatus:
+    job = state.jobs.cancel(job_id)
+    if job is None:
+        raise ApiError(404, "job_not_found", f"no job {job_id!r}")
+    return job.to_status()

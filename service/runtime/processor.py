@@ -1,0 +1,48 @@
+"""The work a model's batch queue runs: a batch of work items of several kinds, each kind run by its own handler.
+
+The runtime knows predictions; other kinds (explanations) bring their handler when the queue is built, so the
+runtime never imports what runs on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from service.model.served import ServedModel
+
+# Runs the items of one kind of a batch (on one of the device's lanes) and returns one result per item, in order.
+BatchHandler = Callable[[ServedModel, Sequence[Any]], Sequence[Any]]
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    """One preprocessed image to classify."""
+
+    pixels: torch.Tensor  # (C, H, W) float32, normalised
+
+
+def predict_batch(served: ServedModel, jobs: Sequence[PredictJob]) -> list[torch.Tensor]:
+    """Softmax probabilities (classes,) per image, from one inference-mode forward pass over the whole batch."""
+    return list(served.predict_probabilities(torch.stack([job.pixels for job in jobs])).unbind(0))
+
+
+def make_batch_processor(served: ServedModel, handlers: Mapping[type, BatchHandler]):
+    """A function running one batch for `served`: the items of each kind share one call of that kind's handler
+    (handlers run in the mapping's order), and the results come back in the batch's order."""
+
+    def process(items: Sequence[Any]) -> list[Any]:
+        unknown = {type(item).__name__ for item in items} - {kind.__name__ for kind in handlers}
+        if unknown:
+            raise TypeError(f"no batch handler for {sorted(unknown)}")
+        results: list[Any] = [None] * len(items)
+        for kind, handler in handlers.items():
+            indices = [i for i, item in enumerate(items) if type(item) is kind]
+            if indices:
+                for i, result in zip(indices, handler(served, [items[i] for i in indices]), strict=True):
+                    results[i] = result
+        return results
+
+    return process
