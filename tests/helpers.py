@@ -12,9 +12,9 @@ import numpy as np
 from fastapi import FastAPI
 from PIL import Image
 
-from service.http.app import create_app
+from service.http.app import create_app, load_models
 from service.config import ModelConfig, ServerSettings
-from service.model.served import ServedModel, load_served_model
+from service.model.served import ServedModel
 
 # A ViT small enough for CPU tests: 32x32 input, 8x8 patches (a 4x4 grid), 2 blocks.
 TINY_VIT_KWARGS: dict[str, Any] = {
@@ -42,10 +42,6 @@ def tiny_cnn_config(model_id: str = "tiny_cnn", **overrides: Any) -> ModelConfig
 
 def settings_for(*configs: ModelConfig, **overrides: Any) -> ServerSettings:
     return ServerSettings(models=list(configs), **overrides)
-
-
-def load_models(settings: ServerSettings) -> dict[str, ServedModel]:
-    return {cfg.id: load_served_model(cfg, settings) for cfg in settings.models}
 
 
 @asynccontextmanager

@@ -13,8 +13,7 @@ from benchmarks.references import pytorch_grad_cam_maps, pytorch_grad_cam_scale
 from service.http.errors import ApiError
 from service.explain.requests import resolve_methods
 from service.explain.targets import TargetRequest
-from tests.explain_helpers import TINY, VIT_VARIANTS, explain_direct, random_pixels, served_model
-from tests.explain_method_helpers import small_model, stack_maps
+from tests.explain_helpers import TINY, VIT_VARIANTS, explain_direct, random_pixels, served_model, stack_maps
 
 CNN = ("test_resnet", {"num_classes": 10})
 AVG_VIT = ("vit_tiny_patch16_224", dict(VIT_VARIANTS["vit"][1], global_pool="avg"))  # class token kept, fc_norm
@@ -26,7 +25,7 @@ AVG_REGISTERS = ("vit_small_patch16_224", dict(TINY, img_size=(32, 48), patch_si
 
 def model_for(key: str, seed: int = 0):
     if key == "cnn":
-        return small_model(*CNN, size=48, seed=seed)
+        return served_model(*CNN, size=48, seed=seed)
     return served_model(*VIT_VARIANTS[key], seed=seed)
 
 
@@ -84,8 +83,8 @@ def explicit_cam(served, pixels: torch.Tensor, targets: list[int]) -> tuple[torc
                                    "avg_registers"])
 def test_cam_matches_weights_times_features(model) -> None:
     served = {
-        "cnn": lambda: small_model(*CNN, size=48, seed=3),
-        "efficientnet": lambda: small_model("test_efficientnet", {"num_classes": 10}, size=48, seed=3),
+        "cnn": lambda: served_model(*CNN, size=48, seed=3),
+        "efficientnet": lambda: served_model("test_efficientnet", {"num_classes": 10}, size=48, seed=3),
         "avg_vit": lambda: served_model(*AVG_VIT, seed=3),
         "avg_vit_no_cls": lambda: served_model(*AVG_VIT_NO_CLS, seed=3),
         "avg_vit_no_fc_norm": lambda: served_model(*AVG_VIT_NO_FC_NORM, seed=3),
@@ -127,7 +126,7 @@ def test_cam_is_rejected_for_layers_between_pooling_and_classifier() -> None:
 
 @pytest.mark.parametrize("model_key", ["cnn", "avg_vit"])
 def test_batched_equals_per_image_and_targets_differ(model_key) -> None:
-    served = small_model(*CNN, size=48, seed=9) if model_key == "cnn" else served_model(*AVG_VIT, seed=9)
+    served = served_model(*CNN, size=48, seed=9) if model_key == "cnn" else served_model(*AVG_VIT, seed=9)
     methods = ["cam", "gradcam_pp", "layercam"]
     pixels = random_pixels(served, 3, seed=6)
     targets = [TargetRequest(index=2), TargetRequest(top_k=2), TargetRequest(top_k=1)]

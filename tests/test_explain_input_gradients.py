@@ -18,8 +18,7 @@ from service.http.errors import ApiError
 from service.explain.requests import resolve_methods
 from service.explain.targets import TargetRequest
 from service.http.uploads import decode_image
-from tests.explain_helpers import VIT_VARIANTS, explain_direct, random_pixels, served_model
-from tests.explain_method_helpers import RecordRunnerCalls, explain_chunked, small_model, stack_maps
+from tests.explain_helpers import VIT_VARIANTS, RecordRunnerCalls, explain_direct, random_pixels, served_model, stack_maps
 from tests.helpers import load_models, png_bytes, random_image, running_app, settings_for, tiny_vit_config
 
 CNN = ("test_resnet", {"num_classes": 10})
@@ -33,7 +32,7 @@ def vit():
 
 @pytest.fixture(scope="module")
 def cnn():
-    return small_model(*CNN, size=32, seed=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return served_model(*CNN, size=32, seed=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def assert_close_scaled(ours: torch.Tensor, reference: torch.Tensor, rel: float = 1e-4) -> None:
@@ -87,8 +86,8 @@ def test_smoothgrad_matches_captum_noise_tunnel(variant, nt_type, vit) -> None:
     pixels = random_pixels(vit, 2, seed=5)
     targets = [2, 8]
     params = {"samples": 6, "noise": 0.2, "variant": variant, "seed": 11, "reduce": "mean"}
-    ours = stack_maps(explain_chunked(vit, pixels, [{"name": "smoothgrad", "params": params}],
-                                      index_targets(targets), chunk_size=4))  # samples straddle chunks
+    ours = stack_maps(explain_direct(vit, pixels, [{"name": "smoothgrad", "params": params}],
+                                      targets=index_targets(targets), chunk_size=4))  # samples straddle chunks
     tunnel = NoiseTunnel(Saliency(vit.active_network))
     for i, target in enumerate(targets):
         stdev = float(0.2 * (pixels[i].max() - pixels[i].min()))
@@ -119,8 +118,8 @@ def test_integrated_gradients_matches_captum(integration, baseline, cnn) -> None
     targets = [4, 9]
     steps = 5
     params = {"steps": steps, "integration": integration, "baseline": baseline, "blur_sigma": 1.5}
-    outcomes = explain_chunked(cnn, pixels, [{"name": "integrated_gradients", "params": params}],
-                               index_targets(targets), chunk_size=3)
+    outcomes = explain_direct(cnn, pixels, [{"name": "integrated_gradients", "params": params}],
+                               targets=index_targets(targets), chunk_size=3)
     if baseline == "black":
         baselines = black(cnn).expand_as(pixels)
     elif baseline == "mean":
@@ -194,12 +193,12 @@ def test_batched_equals_per_image_and_passes_stay_chunked(vit, monkeypatch) -> N
     pixels = random_pixels(vit, 3, seed=10)
     targets = [TargetRequest(index=2), TargetRequest(top_k=2), TargetRequest(top_k=1)]
     calls = RecordRunnerCalls(monkeypatch)
-    batched = explain_chunked(vit, pixels, METHODS, targets, chunk_size=4)
+    batched = explain_direct(vit, pixels, METHODS, targets=targets, chunk_size=4)
     assert calls.sizes and max(calls.sizes) <= 4
     # smoothgrad, first target slot: 3 images x 3 samples share passes of 4, 4 and 1 images
     assert calls.sizes[:3] == [4, 4, 1]
     for i in range(3):
-        single = explain_chunked(vit, pixels[i:i + 1], METHODS, [targets[i]], chunk_size=5)[0]
+        single = explain_direct(vit, pixels[i:i + 1], METHODS, targets=[targets[i]], chunk_size=5)[0]
         assert batched[i].targets == single.targets
         for ours, theirs in zip(batched[i].methods, single.methods):
             for a, b in zip(ours.maps, theirs.maps):
@@ -259,7 +258,7 @@ def test_completeness_gap_and_input_resolution_maps_over_http() -> None:
 
 
 def test_passes_default_to_the_models_explain_chunk_size(monkeypatch) -> None:
-    served = small_model(*CNN, size=32, seed=1)
+    served = served_model(*CNN, size=32, seed=1)
     served.config = served.config.model_copy(update={"explain_chunk_size": 2})
     calls = RecordRunnerCalls(monkeypatch)
     explain_direct(served, random_pixels(served, 1, seed=2), [{"name": "smoothgrad", "params": {"samples": 5}}],

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from sklearn.cluster import AgglomerativeClustering
 
 from service.explain.targets import TargetRequest
-from tests.explain_helpers import VIT_VARIANTS, random_pixels, served_model
-from tests.explain_method_helpers import RecordRunnerCalls, explain_chunked, small_model, stack_maps
+from tests.explain_helpers import VIT_VARIANTS, RecordRunnerCalls, explain_direct, random_pixels, served_model, stack_maps
 
 CNN = ("test_resnet", {"num_classes": 10})
 
@@ -80,12 +79,12 @@ def naive_vit_cx(served, image: torch.Tensor, features: torch.Tensor, target: in
     ("cnn", {"distance_threshold": 0.2}),
 ])
 def test_vit_cx_matches_a_naive_per_mask_loop(model_key, params) -> None:
-    served = small_model(*CNN, size=64, seed=2) if model_key == "cnn" else served_model(*VIT_VARIANTS[model_key],
+    served = served_model(*CNN, size=64, seed=2) if model_key == "cnn" else served_model(*VIT_VARIANTS[model_key],
                                                                                          seed=2)
     pixels = random_pixels(served, 2, seed=4)
     targets = [3, 8]
-    outcomes = explain_chunked(served, pixels, [{"name": "vit_cx", "params": params}],
-                               [TargetRequest(index=t) for t in targets], chunk_size=7)
+    outcomes = explain_direct(served, pixels, [{"name": "vit_cx", "params": params}],
+                               targets=[TargetRequest(index=t) for t in targets], chunk_size=7)
     ours = stack_maps(outcomes)
     assert ours.shape == (2, *served.input_size[1:])
     layer = params.get("target_layer", served.anatomy.feature_layer)
@@ -104,10 +103,10 @@ def test_vit_cx_batched_equals_per_image_and_passes_stay_chunked(monkeypatch) ->
     pixels = random_pixels(served, 3, seed=5)
     targets = [TargetRequest(index=2), TargetRequest(top_k=2), TargetRequest(top_k=1)]
     calls = RecordRunnerCalls(monkeypatch)
-    batched = explain_chunked(served, pixels, ["vit_cx"], targets, chunk_size=10)
+    batched = explain_direct(served, pixels, ["vit_cx"], targets=targets, chunk_size=10)
     assert max(calls.sizes) <= 10 and calls.sizes.count(10) > 3  # masks of different images share passes
     for i in range(3):
-        single = explain_chunked(served, pixels[i:i + 1], ["vit_cx"], [targets[i]], chunk_size=3)[0]
+        single = explain_direct(served, pixels[i:i + 1], ["vit_cx"], targets=[targets[i]], chunk_size=3)[0]
         assert batched[i].targets == single.targets
         for a, b in zip(batched[i].methods[0].maps, single.methods[0].maps):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
