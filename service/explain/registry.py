@@ -1,9 +1,8 @@
-"""The registry of explanation methods: each method module registers itself with `@register_method`."""
+"""The registry of explanation methods: each method module registers itself with `@register_method`; the modules
+are the explicit import list of `service.explain.methods`."""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import Callable, Generic, Literal, TypeVar
 
@@ -80,27 +79,8 @@ def register_method(
     return decorate
 
 
-def _import_methods() -> None:
-    from service.explain import methods
-
-    for module in pkgutil.iter_modules(methods.__path__):
-        importlib.import_module(f"{methods.__name__}.{module.name}")
-
-
-_methods_imported = False  # not `if not _METHODS`: importing one method module first must not hide the others
-
-
 def all_methods() -> dict[str, ExplainMethod]:
-    """Every registered method by name (importing the methods package on first use)."""
-    global _methods_imported
-    if not _methods_imported:
-        _import_methods()
-        _methods_imported = True
+    """Every registered method by name, sorted (importing the methods package registers them all)."""
+    import service.explain.methods  # noqa: F401  (lazy: the method modules import this module)
+
     return dict(sorted(_METHODS.items()))
-
-
-def get_method(name: str) -> ExplainMethod:
-    methods = all_methods()
-    if name not in methods:
-        raise KeyError(name)
-    return methods[name]

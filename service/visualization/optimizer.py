@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms.v2 import functional as TF
 
 from service.visualization.objective import BoundObjective, Objective
 
@@ -41,19 +41,16 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N, C, H, W) with reflect padding (the radius is capped by the image size)."""
-    radius = max(1, math.ceil(3 * sigma))
-    radius = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
+    """(N, C, H, W) blurred by torchvision's Gaussian (reflect padding), truncated at ceil(3 sigma) pixels but at
+    most one pixel less than the image's smaller side (reflect padding needs the radius below the size); run as
+    two 1-D passes (kernel_size is [width, height]: [k, 1] along rows, then [1, k] along columns) rather than one
+    k x k kernel."""
+    radius = min(max(1, math.ceil(3 * sigma)), x.shape[-1] - 1, x.shape[-2] - 1)
     if radius < 1:
         return x
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(x.dtype)
-    channels = x.shape[1]
-    horizontal = kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
-    vertical = kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), horizontal, groups=channels)
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), vertical, groups=channels)
+    size = 2 * radius + 1
+    x = TF.gaussian_blur(x, kernel_size=[size, 1], sigma=[sigma, sigma])
+    return TF.gaussian_blur(x, kernel_size=[1, size], sigma=[sigma, sigma])
 
 
 class ActivationMaximizer:

@@ -1,4 +1,5 @@
-"""Token bookkeeping shared by the attention methods: head fusion, prefix tokens, reshaping to the grid."""
+"""Token bookkeeping shared by the attention methods: head fusion, prefix tokens, reshaping to the grid; and the
+cost note of the methods that take the gradient of the attention (grad_rollout, gae)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ TOKEN_DESCRIPTION = (
     "or `mean`, the mean over all query rows, prefix tokens included (Mylonas et al. 2022; works without a class "
     "token). Either way restricted to the patch columns."
 )
+ATTENTION_GRADIENT_COST_NOTE = "One backward pass per target class on top of the shared forward pass."
 
 
 def fuse_heads(attention: torch.Tensor, how: HeadFusion) -> torch.Tensor:

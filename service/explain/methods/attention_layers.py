@@ -1,4 +1,5 @@
-"""Layer-wise attention: the class token's attention map in every chosen block, plus an aggregate of them."""
+"""Layer-wise raw attention (compared block by block in Abnar & Zuidema 2020): the class token's attention map in
+every chosen block, plus an aggregate of them."""
 
 from __future__ import annotations
 

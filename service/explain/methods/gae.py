@@ -7,9 +7,12 @@ from pydantic import BaseModel, ConfigDict
 
 from service.explain.captures import CaptureBatch, CaptureNeeds
 from service.model.anatomy import ModelAnatomy
-from service.explain.methods.grad_rollout import ATTENTION_GRADIENT_COST_NOTE
 from service.explain.registry import MethodOutput, register_method
-from service.explain.methods._tokens import check_class_token_attention, patch_tokens_to_grid
+from service.explain.methods._tokens import (
+    ATTENTION_GRADIENT_COST_NOTE,
+    check_class_token_attention,
+    patch_tokens_to_grid,
+)
 
 
 class GaeParams(BaseModel):

@@ -1,4 +1,5 @@
-"""Gradient attention rollout: class-specific rollout of attention weighted by its gradient (positive part)."""
+"""Gradient attention rollout (Gildenblat 2020, github.com/jacobgil/vit-explain; the rollout of Abnar & Zuidema
+2020): class-specific rollout of attention weighted by its gradient (positive part)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from service.explain.captures import CaptureBatch, CaptureNeeds
 from service.model.anatomy import ModelAnatomy
 from service.explain.registry import MethodOutput, register_method
 from service.explain.methods._rollout import class_token_row, rollout_matrix
-from service.explain.methods._tokens import HeadFusion, check_class_token_attention, check_layer_index, patch_tokens_to_grid
+from service.explain.methods._tokens import (
+    ATTENTION_GRADIENT_COST_NOTE,
+    HeadFusion,
+    check_class_token_attention,
+    check_layer_index,
+    patch_tokens_to_grid,
+)
 
 
 class GradRolloutParams(BaseModel):
@@ -24,9 +31,6 @@ class GradRolloutParams(BaseModel):
         "columns are never discarded).",
     )
     start_layer: int = Field(default=0, description="First block of the product; negative counts from the last.")
-
-
-ATTENTION_GRADIENT_COST_NOTE = "One backward pass per target class on top of the shared forward pass."
 
 
 def _check(params: GradRolloutParams, anatomy: ModelAnatomy) -> None:

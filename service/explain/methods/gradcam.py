@@ -2,64 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-from service.explain.captures import CaptureBatch, CaptureNeeds
+from service.explain.captures import CaptureBatch
 from service.model.anatomy import ModelAnatomy
-from service.explain.registry import ComputeFn, MethodOutput, register_method
-from service.explain.methods._tokens import token_features_to_map
-
-
-class GradCamParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    target_layer: str | None = Field(
-        default=None,
-        description="Module name (as in model.named_modules()); default: the last feature map before global "
-        "pooling (CNNs) or the last block's norm1 (ViTs).",
-    )
-
-
-def target_layer(params: GradCamParams, anatomy: ModelAnatomy) -> str:
-    return params.target_layer or anatomy.feature_layer
-
-
-GRADIENT_CAM_COST_NOTE = (
-    "Shares the batch's forward pass and one backward pass per target (only down to the target layer) with the "
-    "other gradient methods."
-)
-
-
-def gradient_cam_needs(params: GradCamParams, anatomy: ModelAnatomy) -> CaptureNeeds:
-    """What the Grad-CAM family records: the target layer's output and its gradient."""
-    return CaptureNeeds(layer_grads=frozenset({target_layer(params, anatomy)}))
-
-
-def activations_and_gradients(
-    captures: CaptureBatch, params: GradCamParams, anatomy: ModelAnatomy
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The target layer's activations and gradients as (B, C, h, w) maps (ViT tokens reshaped to the grid)."""
-    name = target_layer(params, anatomy)
-    return (token_features_to_map(captures.layers[name], anatomy),
-            token_features_to_map(captures.layer_grads[name], anatomy))
-
-
-def check_target_layer(params: GradCamParams, anatomy: ModelAnatomy) -> None:
-    if params.target_layer is not None and params.target_layer not in anatomy.module_names:
-        raise ValueError(f"params.target_layer: the model has no module named {params.target_layer!r}")
-
-
-def register_gradient_cam(*, name: str, description: str, relative_cost: float) -> Callable[[ComputeFn], ComputeFn]:
-    """`register_method` for a Grad-CAM-family method: ViTs and CNNs, class-specific, the `target_layer` params,
-    that layer's output and gradient recorded, the same check and cost note."""
-    return register_method(
-        name=name, description=description, families=("vit", "cnn"), class_specific=True,
-        params_model=GradCamParams, needs=gradient_cam_needs, relative_cost=relative_cost,
-        cost_note=GRADIENT_CAM_COST_NOTE, check=check_target_layer,
-    )
+from service.explain.methods._cam import GradCamParams, activations_and_gradients, register_gradient_cam
+from service.explain.registry import MethodOutput
 
 
 @register_gradient_cam(

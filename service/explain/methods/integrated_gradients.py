@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+from torchvision.transforms.v2 import functional as TF
 
 from service.explain.captures import CaptureBatch, CaptureNeeds, ModelRunner
 from service.model.anatomy import ModelAnatomy
@@ -62,18 +63,19 @@ def path_points(steps: int, integration: Integration) -> tuple[list[float], list
     return alphas, weights
 
 
-def gaussian_blur(pixels: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(B, C, H, W) blurred by a separable Gaussian truncated at 3 sigma, edges replicated (as
-    scipy.ndimage.gaussian_filter with mode="nearest", truncate=3)."""
+def blur_baseline(pixels: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, C, H, W) blurred by torchvision's Gaussian truncated at 3 sigma, edges replicated (as
+    scipy.ndimage.gaussian_filter with mode="nearest", truncate=3).
+
+    torchvision pads by reflection, and by less than the image's size only. So each axis is first padded by the
+    kernel radius with copies of its edge pixels, blurred alone (two 1-D passes, not one 2-D kernel), and cropped
+    back: the reflected border never reaches the image's own pixels, and any sigma works on any image size."""
     radius = max(1, int(3.0 * sigma + 0.5))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64, device=pixels.device)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(pixels.dtype)
-    channels = pixels.shape[1]
-    padded = F.pad(pixels, (radius, radius, 0, 0), mode="replicate")
-    blurred = F.conv2d(padded, kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
-    padded = F.pad(blurred, (0, 0, radius, radius), mode="replicate")
-    return F.conv2d(padded, kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
+    size = 2 * radius + 1  # torchvision's kernel_size is [width, height]
+    wide = F.pad(pixels, (radius, radius, 0, 0), mode="replicate")
+    rows_blurred = TF.gaussian_blur(wide, kernel_size=[size, 1], sigma=[sigma, sigma])[..., radius:-radius]
+    tall = F.pad(rows_blurred, (0, 0, radius, radius), mode="replicate")
+    return TF.gaussian_blur(tall, kernel_size=[1, size], sigma=[sigma, sigma])[..., radius:-radius, :]
 
 
 def make_baselines(pixels: torch.Tensor, params: IntegratedGradientsParams, runner: ModelRunner) -> torch.Tensor:
@@ -88,7 +90,7 @@ def make_baselines(pixels: torch.Tensor, params: IntegratedGradientsParams, runn
     if params.baseline == "mean":
         return pixels.mean(dim=(2, 3), keepdim=True).expand_as(pixels).clone()
     if params.baseline == "blur":
-        return gaussian_blur(pixels, params.blur_sigma)
+        return blur_baseline(pixels, params.blur_sigma)
     low = pixels.amin(dim=(2, 3), keepdim=True)
     high = pixels.amax(dim=(2, 3), keepdim=True)
     uniform = torch.stack([

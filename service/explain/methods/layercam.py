@@ -6,7 +6,7 @@ import torch
 
 from service.explain.captures import CaptureBatch
 from service.model.anatomy import ModelAnatomy
-from service.explain.methods.gradcam import GradCamParams, activations_and_gradients, register_gradient_cam
+from service.explain.methods._cam import GradCamParams, activations_and_gradients, register_gradient_cam
 from service.explain.registry import MethodOutput
 
 

@@ -1,5 +1,5 @@
-"""Raw attention: one block's attention (heads fused) from the class token, or averaged over all query tokens,
-to each patch."""
+"""Raw attention (the baseline of Abnar & Zuidema 2020): one block's attention (heads fused) from the class token,
+or averaged over all query tokens, to each patch."""
 
 from __future__ import annotations
 

@@ -40,8 +40,8 @@ def _check(params: RolloutParams, anatomy: ModelAnatomy) -> None:
 def _mean_fusion_row(attentions: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """rollout_row for head fusion `mean` without discarding, never forming the fused matrices: with F the mean
     over heads and s the row sums of M = 0.5F + 0.5I, v @ (M / s) = 0.5 (v / s) @ F + 0.5 (v / s), and
-    (v / s) @ F is the mean over heads of (v / s) @ A_h (fewer, smaller operations: at batch 1 the per-operation
-    overhead of the matrix form was 7% of the forward pass)."""
+    (v / s) @ F is the mean over heads of (v / s) @ A_h (fewer, smaller operations than the matrix form, whose
+    per-operation overhead shows at small batches)."""
     vector = weights.expand(attentions[0].shape[0], -1)  # (B, N)
     for attention in reversed(attentions):  # (B, H, N, N)
         scaled = vector / (0.5 * attention.sum(dim=-1).mean(dim=1) + 0.5)

@@ -23,7 +23,7 @@ from scipy.spatial.distance import squareform
 from service.explain.captures import CaptureBatch, CaptureNeeds
 from service.model.anatomy import ModelAnatomy
 from service.explain.methods._input import chunk_segments, normal_noise, seeded_generator
-from service.explain.methods.gradcam import GradCamParams, check_target_layer, target_layer
+from service.explain.methods._cam import GradCamParams, check_target_layer, target_layer
 from service.explain.registry import MethodOutput, register_method
 from service.explain.methods._tokens import token_features_to_map
 
