@@ -1,4 +1,6 @@
-"""The JSON error envelope every non-2xx response uses."""
+"""The JSON error envelope every non-2xx response uses, and how validation errors are worded in it."""
+
+from typing import Any, Iterable, Mapping
 
 from pydantic import BaseModel, Field
 
@@ -17,3 +19,16 @@ class ErrorResponse(BaseModel):
     """Body of every error response: `{"error": {"code": ..., "message": ...}}`."""
 
     error: ErrorDetail
+
+
+def validation_message(errors: Iterable[Mapping[str, Any]], at: str = "") -> str:
+    """The message of a 422 for failed validation: `field: problem` per error, joined by "; ".
+
+    `errors` is pydantic's `ValidationError.errors()` (FastAPI's `RequestValidationError.errors()` has the same
+    shape). Each field is the error's location as a dotted path, under `at` when the validated value sits inside a
+    larger request (`methods[0].params`); an error about the whole value (an empty location) names `at`, or `body`.
+    """
+    prefix = [at] if at else []
+    return "; ".join(
+        f"{'.'.join(prefix + [str(p) for p in error['loc']]) or 'body'}: {error['msg']}" for error in errors
+    )

@@ -15,8 +15,7 @@ from benchmarks.images import BenchImage
 from benchmarks.timing import interleaved, median, spread
 from service.config import ModelConfig, ServerSettings
 from service.runtime.devices import DeviceLanes
-from service.http.errors import ApiError
-from service.explain.requests import resolve_methods
+from service.explain.requests import MethodRequestError, resolve_methods
 from service.explain.pipeline import ExplainJob, run_explain_batch
 from service.explain.registry import ExplainMethod, all_methods
 from service.explain.targets import TargetRequest
@@ -143,8 +142,8 @@ def method_requests(method: ExplainMethod, served: ServedModel) -> tuple[Any, st
         return None, f"not for {served.family} models (applies to {', '.join(method.families)})"
     try:
         return resolve_methods([method.name], served.family, served.anatomy), None
-    except ApiError as exc:
-        return None, exc.message
+    except MethodRequestError as exc:
+        return None, str(exc)
 
 
 def explain_costs(

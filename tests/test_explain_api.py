@@ -161,6 +161,8 @@ async def test_gradcam_on_a_cnn_and_labels_as_targets(app_client) -> None:
     ("tiny_vit", {"methods": [{"name": "gradcam", "params": {"target_layer": "blocks.99"}}]},
      "params.target_layer"),
     ("tiny_cnn", {"methods": ["rollout"]}, "does not apply to cnn models"),
+    ("tiny_vit", {"methods": ["rollout", "cam"]}, "methods[1] (cam): CAM needs"),
+    ("tiny_vit", {"methods": [{"name": "attention_layers", "params": {"layers": []}}]}, "methods[0].params.layers"),
     ("tiny_vit", {"methods": ["rollout"], "target": 10}, "target: class index 10 is out of range"),
     ("tiny_vit", {"methods": ["rollout"], "target": -1}, "target: class index -1 is out of range"),
     ("tiny_vit", {"methods": ["rollout"], "target": "zebra"}, "target: unknown label 'zebra'"),

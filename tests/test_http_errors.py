@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
+from api_schemas.errors import validation_message
 from tests.helpers import png_bytes, random_image, running_app, settings_for, tiny_vit_config
 
 MAX_BODY_BYTES = 64_000
@@ -297,3 +298,10 @@ async def test_multipart_without_file_is_422_naming_file(client: httpx.AsyncClie
     response = await client.post(PREDICT, files={"image": ("a.png", image, "image/png")})
     message = assert_error(response, 422, "invalid_request")
     assert "file" in message
+
+
+def test_validation_message_names_each_field() -> None:
+    """One wording for every validation failure: request bodies, upload options and method params."""
+    errors = [{"loc": ("output", "format", 0), "msg": "bad"}, {"loc": (), "msg": "not an object"}]
+    assert validation_message(errors) == "output.format.0: bad; body: not an object"
+    assert validation_message(errors[:1], at="methods[1].params") == "methods[1].params.output.format.0: bad"

@@ -1,5 +1,7 @@
-"""One batch of explanation jobs: a recording forward pass, one backward pass per target slot, then each
-requested method's tensor work over the sub-batch of images that asked for it."""
+"""One batch of explanation jobs, in stages (`run_explain_batch` reads top to bottom): merge what the methods need
+captured, one recording forward pass, resolve each image's targets, group identical method requests across the batch,
+one backward pass per target slot, each method's tensor work over the sub-batch of images that asked for it, and the
+maps scattered back to each job."""
 
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ def _finite(maps: torch.Tensor) -> torch.Tensor:
 
 
 def _synchronize(device: torch.device) -> None:
+    """Wait for the device, so that a method's compute_ms covers its work and not only the kernel launches."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -79,7 +82,17 @@ class _Forward:
     layer_inputs: dict[str, torch.Tensor]
 
 
+def _merged_needs(jobs: Sequence[ExplainJob]) -> CaptureNeeds:
+    """What the recording forward pass must capture for every method of every job."""
+    needs = CaptureNeeds()
+    for job in jobs:
+        for request in job.methods:
+            needs = needs | request.needs
+    return needs
+
+
 def _forward(served: ServedModel, pixels: torch.Tensor, needs: CaptureNeeds) -> _Forward:
+    """The one forward pass of the batch, recording what `needs` asks for (graph kept when gradients are needed)."""
     with record(served.active_network, needs) as recording, torch.set_grad_enabled(needs.any_grad):
         batch = pixels.to(device=served.device, dtype=served.dtype)
         if needs.any_grad:
@@ -88,9 +101,48 @@ def _forward(served: ServedModel, pixels: torch.Tensor, needs: CaptureNeeds) -> 
     return _Forward(batch, logits, recording.attentions, recording.layers, recording.layer_inputs)
 
 
+def _captures(served: ServedModel, forward: _Forward, chunk_size: int) -> CaptureBatch:
+    """The forward pass's results detached as float32, with a runner for methods that run the model again."""
+    return CaptureBatch(
+        logits=forward.logits.detach().float(),
+        pixels=forward.batch.detach().float(),
+        attentions=[a.detach().float() for a in forward.attentions],
+        layers={name: t.detach().float() for name, t in forward.layers.items()},
+        layer_inputs={name: t.detach().float() for name, t in forward.layer_inputs.items()},
+        runner=ModelRunner(served.active_network, served.device, served.dtype, chunk_size,
+                           mean=served.data_config.get("mean"), std=served.data_config.get("std")),
+    )
+
+
+@dataclass
+class _MethodGroup:
+    """One distinct method request and every (job, position in the job's methods) that asked for it."""
+
+    request: MethodRequest
+    members: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _group_requests(jobs: Sequence[ExplainJob]) -> list[_MethodGroup]:
+    """Identical requests across the batch, in order of first appearance: each is computed once, over its members."""
+    groups: dict[str, _MethodGroup] = {}
+    for i, job in enumerate(jobs):
+        for m, request in enumerate(job.methods):
+            groups.setdefault(request.key, _MethodGroup(request)).members.append((i, m))
+    return list(groups.values())
+
+
+@dataclass(frozen=True)
+class TargetGradients:
+    """Gradients of each image's target logit for one target slot (float32, detached); None where not needed."""
+
+    attention: list[torch.Tensor] | None = None  # per block
+    layers: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> gradient of its output
+    pixels: torch.Tensor | None = None
+
+
 def _target_gradients(
     forward: _Forward, needs: CaptureNeeds, slot_targets: torch.Tensor, images: torch.Tensor, retain_graph: bool
-) -> dict[str, object]:
+) -> TargetGradients:
     """Gradients of each listed image's own target logit (summed: images are independent in eval mode)."""
     score = forward.logits.index_select(0, images).gather(1, slot_targets.index_select(0, images)[:, None]).sum()
     layer_names = sorted(needs.layer_grads)
@@ -101,11 +153,80 @@ def _target_gradients(
     grads = torch.autograd.grad(score, inputs, retain_graph=retain_graph, allow_unused=True)
     grads = [(torch.zeros_like(t) if g is None else g).detach().float() for t, g in zip(inputs, grads)]
     n_attn = len(attentions)
-    return {
-        "attention_grads": grads[:n_attn] if needs.attention_grad else None,
-        "layer_grads": dict(zip(layer_names, grads[n_attn:n_attn + len(layer_names)])),
-        "input_grads": grads[-1] if needs.input_grad else None,
-    }
+    return TargetGradients(
+        attention=grads[:n_attn] if needs.attention_grad else None,
+        layers=dict(zip(layer_names, grads[n_attn:n_attn + len(layer_names)])),
+        pixels=grads[-1] if needs.input_grad else None,
+    )
+
+
+def _slot_captures(
+    forward: _Forward, needs: CaptureNeeds, captures: CaptureBatch, targets: list[list[int]],
+    groups: list[_MethodGroup],
+) -> list[CaptureBatch]:
+    """The captures for each target slot, with that slot's gradients. Slot s is each image's s-th target; its
+    gradients are taken in one backward pass over the images that a class-specific method explains (the graph is
+    kept for the next slot, freed after the last)."""
+    class_specific_images = sorted({i for group in groups if group.request.method.class_specific
+                                    for i, _ in group.members})
+    n_slots = max((len(targets[i]) for i in class_specific_images), default=0)
+    slots = []
+    for slot in range(n_slots):
+        slot_targets = torch.tensor([t[slot] if len(t) > slot else 0 for t in targets], device=forward.logits.device)
+        gradients = TargetGradients()
+        if needs.any_grad:
+            in_slot = torch.tensor([i for i in class_specific_images if len(targets[i]) > slot],
+                                   device=forward.logits.device)
+            gradients = _target_gradients(forward, needs, slot_targets, in_slot, retain_graph=slot < n_slots - 1)
+        slots.append(captures.for_target(slot_targets, attention_grads=gradients.attention,
+                                         layer_grads=gradients.layers, input_grads=gradients.pixels))
+    return slots
+
+
+def _compute_group(
+    served: ServedModel, group: _MethodGroup, captures: CaptureBatch, slots: list[CaptureBatch],
+    targets: list[list[int]],
+) -> dict[tuple[int, int], MethodMaps]:
+    """One method's maps for each of its members: class-agnostic methods in one pass over the members' images,
+    class-specific ones in one pass per target slot over the members with that many targets. Each member is
+    charged the time of every pass it was part of."""
+    request = group.request
+    method = request.method
+    results = {member: MethodMaps(maps=[], layers=[], layer_indices=None, compute_ms=0.0) for member in group.members}
+    passes = (
+        [([mb for mb in group.members if len(targets[mb[0]]) > slot], slots[slot]) for slot in range(len(slots))]
+        if method.class_specific else [(group.members, captures)]
+    )
+    for members, source in passes:
+        if not members:
+            continue
+        started = time.perf_counter()
+        index = torch.tensor([i for i, _ in members])
+        output = method.compute(source.select(index), request.params, served.anatomy)
+        maps = _finite(output.maps)
+        layer_maps = None if output.layers is None else _finite(output.layers)
+        _synchronize(served.device)
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        for row, member in enumerate(members):
+            result = results[member]
+            result.maps.append(maps[row])
+            result.layers.append(None if layer_maps is None else layer_maps[row])
+            result.statistics.append(None if output.statistics is None else output.statistics[row])
+            result.layer_indices = output.layer_indices
+            result.compute_ms += elapsed_ms
+    return results
+
+
+def _outcomes(
+    jobs: Sequence[ExplainJob], probabilities: list[torch.Tensor], targets: list[list[int]],
+    maps: dict[tuple[int, int], MethodMaps],
+) -> list[ExplainOutcome]:
+    """Each job's outcome, its methods' maps back in the job's order."""
+    return [
+        ExplainOutcome(probabilities=probabilities[i], targets=targets[i],
+                       methods=[maps[(i, m)] for m in range(len(job.methods))])
+        for i, job in enumerate(jobs)
+    ]
 
 
 def run_explain_batch(
@@ -113,75 +234,15 @@ def run_explain_batch(
 ) -> list[ExplainOutcome]:
     """Explain a batch of jobs (runs on a lane of the model's device). Perturbation methods run the model on at most
     `chunk_size` images at a time (default: the model's explain_chunk_size)."""
-    anatomy = served.anatomy
-    chunk_size = chunk_size or served.config.explain_chunk_size
-    needs = CaptureNeeds()
-    for job in jobs:
-        for request in job.methods:
-            needs = needs | request.needs
+    needs = _merged_needs(jobs)
     forward = _forward(served, torch.stack([job.pixels for job in jobs]), needs)
-    captures = CaptureBatch(
-        logits=forward.logits.detach().float(),
-        pixels=forward.batch.detach().float(),
-        attentions=[a.detach().float() for a in forward.attentions],
-        layers={name: t.detach().float() for name, t in forward.layers.items()},
-        layer_inputs={name: t.detach().float() for name, t in forward.layer_inputs.items()},
-        runner=ModelRunner(served.active_network, served.device, served.dtype, chunk_size,
-                           mean=served.data_config.get("mean"), std=served.data_config.get("std")),
-    )
+    captures = _captures(served, forward, chunk_size or served.config.explain_chunk_size)
+    probabilities = [captures.logits[i].softmax(-1).cpu() for i in range(len(jobs))]
     targets = [job.target.resolve(captures.logits[i]) for i, job in enumerate(jobs)]
-    outcomes = [
-        ExplainOutcome(probabilities=captures.logits[i].softmax(-1).cpu(), targets=targets[i],
-                       methods=[None] * len(job.methods))  # type: ignore[list-item]
-        for i, job in enumerate(jobs)
-    ]
-
-    groups: dict[str, tuple[MethodRequest, list[tuple[int, int]]]] = {}
-    for i, job in enumerate(jobs):
-        for m, request in enumerate(job.methods):
-            groups.setdefault(request.key, (request, []))[1].append((i, m))
-
-    # Target slot s is each image's s-th target; gradients are taken once per slot for the whole batch.
-    class_specific_images = sorted({i for request, members in groups.values() if request.method.class_specific
-                                    for i, _ in members})
-    n_slots = max((len(targets[i]) for i in class_specific_images), default=0)
-    slot_captures: list[CaptureBatch] = []
-    for slot in range(n_slots):
-        slot_targets = torch.tensor([t[slot] if len(t) > slot else 0 for t in targets], device=forward.logits.device)
-        gradients: dict[str, object] = {}
-        if needs.any_grad:
-            in_slot = torch.tensor([i for i in class_specific_images if len(targets[i]) > slot],
-                                   device=forward.logits.device)
-            gradients = _target_gradients(forward, needs, slot_targets, in_slot, retain_graph=slot < n_slots - 1)
-        slot_captures.append(captures.for_target(slot_targets, **gradients))  # type: ignore[arg-type]
-    del forward
-
-    for request, members in groups.values():
-        method = request.method
-        per_member: dict[tuple[int, int], MethodMaps] = {
-            member: MethodMaps(maps=[], layers=[], layer_indices=None, compute_ms=0.0) for member in members
-        }
-        passes = (
-            [(slot, [mb for mb in members if len(targets[mb[0]]) > slot], slot_captures[slot]) for slot in range(n_slots)]
-            if method.class_specific else [(0, members, captures)]
-        )
-        for _, slot_members, source in passes:
-            if not slot_members:
-                continue
-            started = time.perf_counter()
-            index = torch.tensor([i for i, _ in slot_members])
-            output = method.compute(source.select(index), request.params, anatomy)
-            maps = _finite(output.maps)
-            layer_maps = None if output.layers is None else _finite(output.layers)
-            _synchronize(served.device)
-            elapsed_ms = (time.perf_counter() - started) * 1000.0
-            for row, member in enumerate(slot_members):
-                result = per_member[member]
-                result.maps.append(maps[row])
-                result.layers.append(None if layer_maps is None else layer_maps[row])
-                result.statistics.append(None if output.statistics is None else output.statistics[row])
-                result.layer_indices = output.layer_indices
-                result.compute_ms += elapsed_ms
-        for (i, m), result in per_member.items():
-            outcomes[i].methods[m] = result
-    return outcomes
+    groups = _group_requests(jobs)
+    slots = _slot_captures(forward, needs, captures, targets, groups)
+    del forward  # the graph: every gradient has been taken
+    maps: dict[tuple[int, int], MethodMaps] = {}
+    for group in groups:
+        maps.update(_compute_group(served, group, captures, slots, targets))
+    return _outcomes(jobs, probabilities, targets, maps)

@@ -12,10 +12,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api_schemas.errors import validation_message
 from service import __version__
 from service.http.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
 from service.config import ServerSettings
-from service.http.errors import ApiError, error_body
+from service.http.errors import ApiError, invalid_request
 from service.http.openapi import install_openapi
 from service.http.routes import explain as explain_routes
 from service.http.routes import health as health_routes
@@ -42,25 +43,28 @@ def load_models(settings: ServerSettings) -> dict[str, ServedModel]:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
+    """Every error, ours or the framework's, answered with the envelope of an ApiError."""
+
+    def respond(error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return respond(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return respond(ApiError(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None)))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return JSONResponse(error_body("invalid_request", "; ".join(parts)), status_code=422)
+        return respond(invalid_request(validation_message(exc.errors())))
 
     @app.exception_handler(Exception)
     async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(error_body("internal_error", f"{type(exc).__name__}: {exc}"), status_code=500)
+        return respond(ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}"))
 
 
 def create_app(

@@ -8,6 +8,8 @@ from service.http.errors import ApiError
 from service.model.served import ServedModel
 from service.http.state import ServiceState
 
+MODEL_ID = Path(description="Id of a served model (see GET /v1/models).")
+
 
 def _state(request: Request) -> ServiceState:
     return request.app.state.service
@@ -28,12 +30,12 @@ async def get_state(request: Request) -> ServiceState:
     return _state(request)
 
 
-async def get_model(request: Request, model_id: str = Path(description="Id of a served model (see GET /v1/models).")) -> ServedModel:
+async def get_model(request: Request, model_id: str = MODEL_ID) -> ServedModel:
     """The served model named in the path, or 404."""
     return _model(request, model_id)
 
 
-async def get_ready_model(request: Request, model_id: str = Path(description="Id of a served model (see GET /v1/models).")) -> ServedModel:
+async def get_ready_model(request: Request, model_id: str = MODEL_ID) -> ServedModel:
     """The served model, or 503 while it is warming up (with Retry-After) or when its warm-up failed."""
     served = _model(request, model_id)
     if served.failure is not None:

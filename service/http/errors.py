@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from api_schemas import ErrorResponse
+from api_schemas import ErrorDetail, ErrorResponse
 from service.runtime.batching import BatchedResult, BatchQueue, QueueClosedError, QueueFullError, RequestTimeoutError
 
 log = logging.getLogger(__name__)
@@ -22,11 +22,18 @@ class ApiError(Exception):
         self.headers = headers
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.code, self.message)
+        """The JSON envelope, as documented by ErrorResponse."""
+        return ErrorResponse(error=ErrorDetail(code=self.code, message=self.message)).model_dump()
 
 
-def error_body(code: str, message: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message}}
+def invalid_request(message: str) -> ApiError:
+    """422 for a request field that failed validation; the message names the field."""
+    return ApiError(422, "invalid_request", message)
+
+
+def shutting_down(message: str) -> ApiError:
+    """503 for work refused because the server is draining before it stops."""
+    return ApiError(503, "shutting_down", message, {"Retry-After": "5"})
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -43,6 +50,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
     return {s: {"model": ErrorResponse, "description": descriptions[s]} for s in statuses}
 
+
 async def submit_or_raise(queue: BatchQueue, payload: Any) -> BatchedResult:
     """Submit and wait; 503 when full or closing, 504 on timeout, the item's own ApiError, else 500."""
     try:
@@ -50,7 +58,7 @@ async def submit_or_raise(queue: BatchQueue, payload: Any) -> BatchedResult:
     except QueueFullError as exc:
         raise ApiError(503, "queue_full", str(exc), {"Retry-After": "1"}) from None
     except QueueClosedError as exc:
-        raise ApiError(503, "shutting_down", str(exc), {"Retry-After": "5"}) from None
+        raise shutting_down(str(exc)) from None
     except RequestTimeoutError as exc:
         raise ApiError(504, "timeout", str(exc)) from None
     except ApiError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
@@ -101,6 +102,10 @@ class ServiceState:
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """Run CPU work (decoding, preprocessing, rendering) on the decode pool, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
+
+    def observe_latency(self, model_id: str, endpoint: str, received_at: float) -> None:
+        """Record a request's latency, from `received_at` (time.perf_counter()) to now."""
+        self.metrics.latency.labels(model_id, endpoint).observe(time.perf_counter() - received_at)
 
     async def shutdown(self) -> None:
         """Drain every queue (accepted requests get answers), then stop the workers."""

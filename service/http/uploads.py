@@ -17,7 +17,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from service.http.errors import ApiError
+from api_schemas.errors import validation_message
+from service.http.errors import ApiError, invalid_request
 
 O = TypeVar("O", bound=BaseModel)
 
@@ -28,15 +29,6 @@ class ImageRequest(Generic[O]):
 
     image: bytes
     options: O
-
-
-def validation_message(error: ValidationError) -> str:
-    """One line per failing field, each naming the field."""
-    parts = []
-    for item in error.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "body"
-        parts.append(f"{field}: {item['msg']}")
-    return "; ".join(parts)
 
 
 def decode_base64_image(text: str) -> bytes:
@@ -64,7 +56,7 @@ def _validate(model: type[O], data: Any) -> O:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ApiError(422, "invalid_request", validation_message(exc)) from None
+        raise invalid_request(validation_message(exc.errors())) from None
 
 
 async def read_image_request(
@@ -76,7 +68,7 @@ async def read_image_request(
         form = await request.form(max_files=1, max_fields=100, max_part_size=max_body_bytes)
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
-            raise ApiError(422, "invalid_request", "file: a multipart upload needs the image in a field named 'file'")
+            raise invalid_request("file: a multipart upload needs the image in a field named 'file'")
         data = await upload.read()
         fields = {key: _form_value(value) for key, value in form.multi_items() if key != "file" and isinstance(value, str)}
         return ImageRequest(data, _validate(options_model, fields))
@@ -86,7 +78,7 @@ async def read_image_request(
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
         if not isinstance(payload, dict):
-            raise ApiError(422, "invalid_request", "body: expected a JSON object")
+            raise invalid_request("body: expected a JSON object")
         parsed = _validate(json_model, payload)
         options = options_model.model_validate(parsed.model_dump(exclude={"image"}))
         return ImageRequest(decode_base64_image(parsed.image), options)  # type: ignore[attr-defined]

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Path, Response
 
 from api_schemas import ErrorResponse, JobListResponse, JobStatus, VisualizationRequest
 from service.http.dependencies import get_ready_model, get_state
-from service.http.errors import ApiError, error_responses
+from service.http.errors import ApiError, error_responses, invalid_request, shutting_down
 from service.model.served import ServedModel
 from service.http.state import ServiceState
 from service.visualization.jobs import JobLimitError, JobsClosedError, VisualizationJob
@@ -29,10 +29,14 @@ def _job_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return responses
 
 
+def _job_not_found(job_id: str) -> ApiError:
+    return ApiError(404, "job_not_found", f"no job {job_id!r}")
+
+
 def _job_or_404(state: ServiceState, job_id: str) -> VisualizationJob:
     job = state.jobs.get(job_id)
     if job is None:
-        raise ApiError(404, "job_not_found", f"no job {job_id!r}")
+        raise _job_not_found(job_id)
     return job
 
 
@@ -62,11 +66,11 @@ async def start_visualization(
         objective, params = await state.jobs.prepare(served, body)
         job = state.jobs.start(served, objective, params)
     except ObjectiveError as exc:
-        raise ApiError(422, "invalid_request", str(exc)) from None
+        raise invalid_request(str(exc)) from None
     except JobLimitError as exc:
         raise ApiError(429, "too_many_jobs", str(exc), {"Retry-After": "5"}) from None
     except JobsClosedError as exc:
-        raise ApiError(503, "shutting_down", str(exc), {"Retry-After": "5"}) from None
+        raise shutting_down(str(exc)) from None
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job.to_status()
 
@@ -98,5 +102,5 @@ async def get_job(job_id: str = JOB_ID, state: ServiceState = Depends(get_state)
 async def cancel_job(job_id: str = JOB_ID, state: ServiceState = Depends(get_state)) -> JobStatus:
     job = state.jobs.cancel(job_id)
     if job is None:
-        raise ApiError(404, "job_not_found", f"no job {job_id!r}")
+        raise _job_not_found(job_id)
     return job.to_status()

@@ -4,39 +4,19 @@ from __future__ import annotations
 
 import time
 
-import torch
 from fastapi import APIRouter, Depends, Request
 
-from api_schemas import ClassScore, PredictJsonRequest, PredictOptions, PredictResponse, Timings
-from service.runtime.batching import BatchedResult
+from api_schemas import PredictJsonRequest, PredictOptions, PredictResponse
 from service.http.dependencies import get_ready_model, get_state
-from service.http.errors import error_responses
-from service.http.uploads import read_image_request
-from service.runtime.processor import PredictJob
+from service.http.errors import error_responses, submit_or_raise
 from service.http.openapi import image_request_body
-from service.http.errors import submit_or_raise
-from service.http.routes.models import weights_info
-from service.model.served import ServedModel
+from service.http.responses import predict_response
 from service.http.state import ServiceState
+from service.http.uploads import read_image_request
+from service.model.served import ServedModel
+from service.runtime.processor import PredictJob
 
 router = APIRouter(tags=["inference"])
-
-
-def top_classes(probabilities: torch.Tensor, labels: list[str], k: int) -> list[ClassScore]:
-    values, indices = probabilities.topk(min(k, probabilities.numel()))
-    return [
-        ClassScore(index=int(i), label=labels[int(i)], probability=float(v))
-        for v, i in zip(values.tolist(), indices.tolist())
-    ]
-
-
-def timings(result: BatchedResult, received_at: float) -> Timings:
-    return Timings(
-        queue_ms=result.queue_ms,
-        compute_ms=result.compute_ms,
-        total_ms=(time.perf_counter() - received_at) * 1000.0,
-        batch_size=result.batch_size,
-    )
 
 
 @router.post(
@@ -57,11 +37,6 @@ async def predict(
     body = await read_image_request(request, PredictOptions, PredictJsonRequest, state.settings.max_body_bytes)
     _, pixels = await state.decode_and_preprocess(served, body.image)
     result = await submit_or_raise(state.queues[served.id], PredictJob(pixels))
-    response = PredictResponse(
-        model_id=served.id,
-        weights=weights_info(served),
-        predictions=top_classes(result.value, served.labels, body.options.top_k),
-        timings=timings(result, received_at),
-    )
-    state.metrics.latency.labels(served.id, "predict").observe(time.perf_counter() - received_at)
+    response = predict_response(served, result, body.options.top_k, received_at)
+    state.observe_latency(served.id, "predict", received_at)
     return response
