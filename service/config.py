@@ -78,7 +78,7 @@ class ServerSettings(BaseSettings):
     decode_threads: int = Field(default=4, ge=1, description="Threads that decode and preprocess images.")
     cpu_workers: int | None = Field(
         default=None, ge=1, le=64,
-        description="Batches that run at once on a CPU device, each on its own thread with its own replica of the "
+        description="Batches that run at once on a CPU device, each on its own thread with its own copy of the "
                     "model (sharing the weights); torch's threads are split between the busy ones. Default: 2 with "
                     "2 or more cores, else 1. A GPU runs one batch at a time.",
     )

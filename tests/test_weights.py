@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -59,6 +60,34 @@ def test_file_weights_load_exactly(tmp_path: Path, suffix: str) -> None:
     assert outcome.random is False and outcome.source == f"file:{path}"
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, state[key])
+
+
+@pytest.mark.parametrize("layout", ["state_dict_and_ema", "model_and_args", "model_state_dict", "ddp_prefix"])
+def test_training_checkpoints_serve_their_plain_weights_never_the_ema_copy(tmp_path: Path, layout: str) -> None:
+    state, ema = tiny_state_dict(seed=5), tiny_state_dict(seed=6)
+    checkpoint = {
+        "state_dict_and_ema": {"state_dict": state, "state_dict_ema": ema, "model_ema": ema},
+        "model_and_args": {"model": state, "model_ema": ema, "args": argparse.Namespace(lr=0.1), "epoch": 3},
+        "model_state_dict": {"epoch": 3, "model_state_dict": state, "optimizer_state_dict": {"param_groups": []}},
+        "ddp_prefix": {"state_dict": {f"module.{k}": v for k, v in state.items()}},
+    }[layout]
+    path = tmp_path / "checkpoint.pth"
+    torch.save(checkpoint, path)
+    config = ModelConfig(id="m", architecture="vit_tiny_patch16_224", weights=f"file:{path}",
+                         model_kwargs=TINY_VIT_KWARGS)
+    model, outcome = create_model_with_weights(config)
+    assert outcome.random is False
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[key])
+
+
+def test_a_file_without_a_state_dict_is_refused_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "tensor.pth"
+    torch.save(torch.ones(3), path)
+    config = ModelConfig(id="odd", architecture="vit_tiny_patch16_224", weights=f"file:{path}",
+                         model_kwargs=TINY_VIT_KWARGS)
+    with pytest.raises(WeightsUnavailableError, match="does not hold a state dict of tensors"):
+        create_model_with_weights(config)
 
 
 class Exploit:

@@ -4,7 +4,7 @@ timm's fused attention (scaled_dot_product_attention) never materialises the att
 each attention module is switched to its explicit path and a hook on its `attn_drop` (applied to the softmax
 probabilities, an identity in eval mode) captures the probabilities with their autograd graph. The switch is
 safe because a model's forward passes run on its device's lanes, one batch at a time per lane, each lane on its
-own replica of the model (`ServedModel.module`): no other pass runs that replica while the switch is on. The
+own copy of the model (`ServedModel.active_network`): no other pass runs that copy while the switch is on. The
 predict path therefore keeps the fused kernel.
 """
 
@@ -50,7 +50,7 @@ class CaptureNeeds:
 class ModelRunner:
     """Lets perturbation methods run the model again, in chunks of at most `chunk_size` images.
 
-    Only used on the lane running the batch, like every other use of that lane's replica of the model.
+    Only used on the lane running the batch, like every other use of that lane's copy of the model.
     """
 
     def __init__(
@@ -106,8 +106,8 @@ class CaptureBatch:
         """The same captures for a subset of the batch's images.
 
         When the subset is the whole batch in order (the usual case), these captures themselves: copying every
-        recorded tensor (12 attention maps of 32 x 3 x 197 x 197 for deit-tiny at batch 32) cost more than the
-        raw-attention and rollout maps themselves. Methods must therefore not modify captures in place.
+        recorded tensor (one attention map per block, for every image and head) would cost more than computing
+        cheap maps such as raw attention and rollout from them. Methods must therefore not modify captures in place.
         """
         if index.numel() == self.logits.shape[0] and bool((index.cpu() == torch.arange(index.numel())).all()):
             return self
@@ -151,7 +151,7 @@ _ATTENTION_MODULES: weakref.WeakKeyDictionary[nn.Module, list[nn.Module]] = weak
 
 
 def _cached_attention_modules(model: nn.Module) -> list[nn.Module]:
-    """attention_modules(model), found once per model (walking every module on every batch is a measurable share of a small batch's time)."""
+    """attention_modules(model), found once per model rather than by walking all its modules on every batch."""
     modules = _ATTENTION_MODULES.get(model)
     if modules is None:
         modules = _ATTENTION_MODULES[model] = [module for _, module in attention_modules(model)]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from service.model.head import PooledLinearHead, analyse_pooled_linear_head
+from service.model.head import PooledLinearHead, analyse_pooled_linear_head, trace_final_features
 
 
 @dataclass(frozen=True)
@@ -57,22 +57,11 @@ def model_family(model: nn.Module) -> str:
 
 def _last_feature_map_layer(model: nn.Module, input_size: tuple[int, int, int]) -> str:
     """The outermost module whose output is the tensor `forward_features` returns (CNNs)."""
-    outputs: dict[str, object] = {}  # the outputs themselves: ids of freed tensors get reused
-    handles = [
-        module.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
-        for name, module in model.named_modules() if name
-    ]
-    try:
-        param = next(model.parameters())
-        with torch.inference_mode():
-            features = model.forward_features(torch.zeros((1, *input_size), dtype=param.dtype, device=param.device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    candidates = [name for name, out in outputs.items() if out is features]
-    if not candidates:
+    param = next(model.parameters())
+    _, producer = trace_final_features(model, torch.zeros((1, *input_size), dtype=param.dtype, device=param.device))
+    if producer is None:
         raise ValueError("cannot find the module producing the final feature map")
-    return min(candidates, key=lambda name: name.count("."))
+    return producer
 
 
 def analyse_model(model: nn.Module, family: str, input_size: tuple[int, int, int]) -> ModelAnatomy:

@@ -32,6 +32,24 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.allclose(a, b, rtol=1e-2 if loose else 1e-4, atol=(1e-2 if loose else 1e-5) * scale))
 
 
+def trace_final_features(model: nn.Module, x: torch.Tensor) -> tuple[object, str | None]:
+    """Run `model.forward_features(x)` in inference mode, recording every module's output: returns (the final
+    features, the outermost module whose output they are, or None when no module's output is them)."""
+    outputs: dict[str, object] = {}  # the outputs themselves: ids of freed tensors get reused
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+        for name, module in model.named_modules() if name
+    ]
+    try:
+        with torch.inference_mode():
+            features = model.forward_features(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    candidates = [name for name, out in outputs.items() if out is features]
+    return features, min(candidates, key=lambda name: name.count(".")) if candidates else None
+
+
 def analyse_pooled_linear_head(
     model: nn.Module, input_size: tuple[int, int, int], num_prefix_tokens: int
 ) -> tuple[PooledLinearHead | None, str | None]:
@@ -43,36 +61,26 @@ def analyse_pooled_linear_head(
     if not (callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))):
         return None, "it does not separate forward_features and forward_head"
     names = {id(module): name for name, module in model.named_modules() if name}
-    outputs: dict[str, object] = {}  # the outputs themselves: ids of freed tensors get reused
     norm_io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     classifier_io: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def record_output(name: str):
-        return lambda _m, _i, out: outputs.__setitem__(name, out)
 
     def record_norm(name: str):
         return lambda _m, args, out: norm_io.__setitem__(name, (args[0], out))
 
-    handles = [module.register_forward_hook(record_output(name)) for name, module in model.named_modules() if name]
+    param = next(model.parameters())
+    x = torch.randn((1, *input_size), generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
+    features, producer = trace_final_features(model, x)
+    handles = [module.register_forward_hook(record_norm(name)) for name, module in model.named_modules()
+               if isinstance(module, nn.LayerNorm)]
+    handles.append(classifier.register_forward_hook(lambda _m, args, out: classifier_io.append((args[0], out))))
     try:
-        param = next(model.parameters())
-        x = torch.randn((1, *input_size), generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
         with torch.inference_mode():
-            features = model.forward_features(x)
-            for handle in handles:
-                handle.remove()
-            handles = [module.register_forward_hook(record_norm(name)) for name, module in model.named_modules()
-                       if isinstance(module, nn.LayerNorm)]
-            handles.append(classifier.register_forward_hook(
-                lambda _m, args, out: classifier_io.append((args[0], out))
-            ))
             logits = model.forward_head(features)
     finally:
         for handle in handles:
             handle.remove()
 
-    candidates = [name for name, out in outputs.items() if out is features]
-    if not candidates or not isinstance(features, torch.Tensor):
+    if producer is None or not isinstance(features, torch.Tensor):
         return None, "no module outputs its final features"
     if len(classifier_io) != 1 or not _close(classifier_io[0][1], logits):
         return None, "its logits are not the output of its classifier alone (e.g. several heads are combined)"
@@ -83,7 +91,7 @@ def analyse_pooled_linear_head(
     else:
         return None, f"its final features have an unexpected shape {tuple(features.shape)}"
     classifier_input = classifier_io[0][0].flatten(1)
-    head = dict(features=min(candidates, key=lambda name: name.count(".")), classifier=names[id(classifier)])
+    head = dict(features=producer, classifier=names[id(classifier)])
     if _close(classifier_input, pooled):
         return PooledLinearHead(**head), None
     for name, (norm_input, norm_output) in norm_io.items():

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models import clean_state_dict
+from timm.models import load_state_dict as load_checkpoint_state_dict
 from torch import nn
 
 from service.config import ModelConfig
@@ -32,18 +34,24 @@ class WeightsOutcome:
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file or a torch state dict, never unpickling arbitrary objects."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no such weights file: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """The weights in a safetensors file or torch checkpoint, read by timm's loader; never unpickles arbitrary objects.
 
-        return load_file(str(path), device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper_key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper_key), dict):
-            state = state[wrapper_key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    timm's `load_state_dict` reads safetensors, or `torch.load`s with `weights_only=True` (it also allows the
+    `argparse.Namespace` of timm training checkpoints' `args`), unwraps a checkpoint's `state_dict` or else `model`
+    entry and strips the `module.` (DDP) and `_orig_mod.` (torch.compile) key prefixes. `use_ema=False`: timm would
+    prefer an EMA copy of the weights (`state_dict_ema`, `model_ema`) when the checkpoint holds one; the plain weights
+    are served instead, whatever else the checkpoint holds. timm does not know the `model_state_dict` key that plain
+    PyTorch training loops save under, hence the one unwrap here.
+    """
+    if not path.is_file():  # timm raises a bare FileNotFoundError
+        raise FileNotFoundError(f"no such weights file: {path}")
+    try:
+        state = load_checkpoint_state_dict(str(path), use_ema=False, device="cpu", weights_only=True)
+        if isinstance(state.get("model_state_dict"), dict):
+            state = clean_state_dict(state["model_state_dict"])
+    except AttributeError:  # no dict with string keys where the weights should be (cleaning its keys failed)
+        raise ValueError(f"{path} does not hold a state dict of tensors") from None
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors")
     return state
 

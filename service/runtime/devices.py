@@ -21,6 +21,7 @@ from service.model.served import copy_in_use, use_copy
 # torch's intra-op thread count of the process as started (the cores, or OMP_NUM_THREADS).
 COMPUTE_THREADS = torch.get_num_threads()
 
+
 def use_threads(count: int) -> None:
     """Set the calling thread's torch intra-op thread count.
 

@@ -9,29 +9,32 @@ PNG encoding runs elsewhere.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import logging
 import math
 import uuid
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from api_schemas import ErrorDetail, JobProgress, JobStatus, VisualizationRequest, VisualizationResult
-from service.runtime.devices import DeviceWorkers
 from service.model.served import ServedModel
+from service.png import png_base64
 from service.visualization.objective import Objective, ObjectiveError
 from service.visualization.optimizer import ActivationMaximizer, OptimizationSettings
 
 log = logging.getLogger(__name__)
 
 ACTIVE = ("queued", "running")
+
+
+class DeviceExecutors(Protocol):
+    """Where a device's work runs (`service.runtime.devices.DeviceWorkers`): its first lane."""
+
+    def for_device(self, device: torch.device) -> Executor: ...
 
 
 class JobLimitError(RuntimeError):
@@ -48,10 +51,7 @@ def _now() -> datetime:
 
 def encode_png(image: np.ndarray) -> str:
     """base64 PNG of uint8 (H, W, C) pixels: RGB from the first 3 channels, grayscale for fewer."""
-    pil = Image.fromarray(np.ascontiguousarray(image[:, :, :3]) if image.shape[2] >= 3 else image[:, :, 0])
-    buffer = io.BytesIO()
-    pil.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return png_base64(np.ascontiguousarray(image[:, :, :3]) if image.shape[2] >= 3 else image[:, :, 0])
 
 
 @dataclass
@@ -113,7 +113,7 @@ class VisualizationJob:
 class JobManager:
     """Creates, runs, cancels and retains visualization jobs."""
 
-    def __init__(self, workers: DeviceWorkers, encode_pool: Executor, max_jobs: int, max_finished_jobs: int) -> None:
+    def __init__(self, workers: DeviceExecutors, encode_pool: Executor, max_jobs: int, max_finished_jobs: int) -> None:
         self._workers = workers
         self._encode_pool = encode_pool
         self.max_jobs = max_jobs

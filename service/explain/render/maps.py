@@ -8,7 +8,6 @@ model never saw are marked unseen), then encoded in each requested format.
 from __future__ import annotations
 
 import base64
-import io
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,6 +20,7 @@ from PIL import Image
 
 from api_schemas.explain import MapStatistics, OutputOptions, Peak, RawArray, RenderedMap
 from service.explain.render.geometry import CropGeometry
+from service.png import png_base64
 
 UNSEEN_BRIGHTNESS = 0.35  # overlay_png: brightness of pixels the model never saw
 PNG_COMPRESS_LEVEL = 1  # speed over size
@@ -162,12 +162,6 @@ def model_view(image: Image.Image, geometry: CropGeometry, space: str, size: tup
     return rgb.resize(size, Image.Resampling.BILINEAR, box=box, reducing_gap=RESIZE_REDUCING_GAP)
 
 
-def _png_base64(pixels: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def render_map(
     saliency: torch.Tensor, geometry: CropGeometry, image: Image.Image, options: RenderOptions
 ) -> RenderedMap:
@@ -190,18 +184,18 @@ def render_map(
             rgba[..., :3] = colours
             rgba[..., 3] = 255
             rgba[~seen] = 0
-            heatmap_png = _png_base64(rgba)
+            heatmap_png = png_base64(rgba, PNG_COMPRESS_LEVEL)
         if "overlay_png" in options.formats:
             if image.size != geometry.original_size:
                 raise ValueError(f"image size {image.size} does not match the geometry's {geometry.original_size}")
             photo = np.asarray(model_view(image, geometry, options.space, (width, height)), dtype=np.float32)
             blended = (1.0 - options.alpha) * photo + options.alpha * colours.astype(np.float32)
             overlay = np.where(seen[..., None], blended, photo * UNSEEN_BRIGHTNESS)
-            overlay_png = _png_base64(np.clip(np.rint(overlay), 0, 255).astype(np.uint8))
+            overlay_png = png_base64(np.clip(np.rint(overlay), 0, 255).astype(np.uint8), PNG_COMPRESS_LEVEL)
     if "gray_png" in options.formats:
         gray = np.zeros((height, width), dtype=np.uint16)
         gray[seen] = 1 + np.rint(norm[seen] * 65534.0).astype(np.uint16)
-        gray_png = _png_base64(gray)
+        gray_png = png_base64(gray, PNG_COMPRESS_LEVEL)
     if "raw" in options.formats:
         raw = values.astype("<f4", copy=True)
         raw[~seen] = np.nan
