@@ -114,6 +114,7 @@ async def test_class_objective_rises_and_the_png_is_the_optimised_image() -> Non
 
 async def test_channel_objective_rises_at_a_requested_size() -> None:
     settings = settings_for(tiny_cnn_config(warmup_batch_sizes=[1]))
+    torch.manual_seed(0)  # the random weights must not depend on which tests ran before
     models = load_models(settings)
     served = models["tiny_cnn"]
     objective = {"type": "channel", "layer": "layer2.0.conv1", "channel": 5}
