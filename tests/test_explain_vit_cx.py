@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import AgglomerativeClustering
 
+from service.explain.methods.vit_cx import cluster_masks
 from service.explain.targets import TargetRequest
 from tests.explain_helpers import VIT_VARIANTS, RecordRunnerCalls, explain_direct, random_pixels, served_model, stack_maps
 
@@ -112,3 +113,17 @@ def test_vit_cx_batched_equals_per_image_and_passes_stay_chunked(monkeypatch) ->
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     maps = batched[1].methods[0].maps  # top 2: two classes, two different maps
     assert len(maps) == 2 and not torch.allclose(maps[0] - maps[0].mean(), maps[1] - maps[1].mean())
+
+
+def test_constant_feature_channels_make_no_masks_so_a_batch_equals_its_images() -> None:
+    """A 1 x 1 feature map (test_resnet at 32 px) has only constant channels: upsampling leaves rounding noise that
+    must not become masks (it differed between a batch and its images)."""
+    served = served_model("test_resnet", {"num_classes": 10}, size=32, seed=2)
+    pixels = random_pixels(served, 3, seed=4)
+    targets = [TargetRequest(index=t) for t in (1, 4, 7)]
+    batched = explain_direct(served, pixels, ["vit_cx"], targets=targets)
+    for i in range(3):
+        single = explain_direct(served, pixels[i:i + 1], ["vit_cx"], targets=[targets[i]])[0]
+        torch.testing.assert_close(batched[i].methods[0].maps[0], single.methods[0].maps[0], atol=1e-5, rtol=1e-4)
+    grid = cluster_masks(torch.full((4, 1, 1), 0.3), (32, 32), threshold=0.1)[0]
+    assert grid.shape[0] == 0

@@ -59,7 +59,9 @@ def cluster_masks(
     """
     upsampled = upsample(features, size).flatten(1)  # (C, H*W)
     lows, highs = upsampled.amin(dim=1), upsampled.amax(dim=1)
-    keep = highs > lows  # a constant channel carries no spatial information
+    # A constant channel carries no spatial information. Decided on the grid: upsampling a constant leaves float
+    # rounding noise whose range would be normalised up to a whole mask (and differ with the batch it came from).
+    keep = _varies(features) & (highs > lows)
     if not bool(keep.any()):
         empty = features.new_zeros((0,))
         return features.new_zeros((0, *features.shape[1:])), empty, empty
@@ -81,8 +83,14 @@ def cluster_masks(
     merged = torch.stack([grids[torch.from_numpy(members).to(grids.device)].mean(dim=0) for members in clusters])
     merged_up = upsample(merged, size).flatten(1)
     lows, highs = merged_up.amin(dim=1), merged_up.amax(dim=1)
-    keep = highs > lows
+    keep = _varies(merged) & (highs > lows)
     return merged[keep], lows[keep], highs[keep]
+
+
+def _varies(grids: torch.Tensor) -> torch.Tensor:
+    """(n, h, w) -> (n,) whether each grid holds more than one value."""
+    flat = grids.flatten(1)
+    return flat.amax(dim=1) > flat.amin(dim=1)
 
 
 @register_method(
