@@ -29,9 +29,11 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     try:
         from benchmarks.cli import add_bench_parser
     except ModuleNotFoundError as exc:
-        if exc.name != "benchmarks":
+        if (exc.name or "").partition(".")[0] != "benchmarks":
             raise
-        bench = commands.add_parser("bench", help="benchmarks (not installed here)")
+        # Takes whatever options were given (no option prefix: none is parsed) and answers with the way to install.
+        bench = commands.add_parser("bench", help="benchmarks (not installed here)", prefix_chars="\0", add_help=False)
+        bench.add_argument("options", nargs="*")
         bench.set_defaults(handler=_no_benchmarks)
         return
     add_bench_parser(commands)

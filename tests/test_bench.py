@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -275,3 +276,12 @@ def test_targets_and_markdown_from_a_synthetic_result() -> None:
               "settings": {"warmup_s": 1, "duration_s": 1, "requests": None}, "notes": [], "models": [result]}
     markdown = render_markdown(report)
     assert "**missed**" in markdown and "| rollout |" in markdown
+
+
+def test_without_the_benchmarks_package_bench_says_how_to_install_it(monkeypatch, capsys) -> None:
+    """The server image ships without `benchmarks/`: `saliency-server bench` must say so, not crash."""
+    monkeypatch.delitem(sys.modules, "benchmarks.cli", raising=False)
+    monkeypatch.setitem(sys.modules, "benchmarks", None)  # as if it were not installed
+    assert main(["bench", "--smoke"]) == 2
+    assert "pip install -e '.[bench]'" in capsys.readouterr().err
+    assert build_parser().parse_args(["serve", "--port", "8123"]).port == 8123  # serving is unaffected
