@@ -89,7 +89,7 @@ def baseline_throughput(served: ServedModel, image: BenchImage, batch: int, budg
 
 def lanes_throughput(served: ServedModel, image: BenchImage, lanes: int, batch: int, budget_s: float) -> dict[str, Any]:
     """Images per second with the server's CPU lanes: `lanes` threads each running forward passes at batch `batch`
-    on its own replica, torch's threads split between them as the server does (no HTTP, no queue)."""
+    on its own copy of the model, torch's threads split between them as the server does (no HTTP, no queue)."""
     pixels = photo_pixels(served, image, batch)
     pool = DeviceLanes(served.device, lanes)
     served.make_copies(lanes)

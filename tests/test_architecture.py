@@ -108,12 +108,36 @@ def test_no_explanation_method_imports_another_method() -> None:
     assert method_violations(ROOT) == []
 
 
+def copied_sources(dockerfile: str) -> list[str]:
+    """Every source path of the Dockerfile's COPY and ADD instructions (flags and destinations left out)."""
+    sources = []
+    for line in dockerfile.splitlines():
+        words = line.split()
+        if words and words[0].upper() in ("COPY", "ADD"):
+            sources += [word for word in words[1:-1] if not word.startswith("--")]
+    return sources
+
+
 def test_the_benchmarks_are_outside_the_service_package_and_its_image() -> None:
     assert not (ROOT / "service" / "bench").exists()
     assert (ROOT / "benchmarks" / "cli.py").is_file()
-    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text(encoding="utf-8")
-    copied = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("COPY ")]
-    assert not any(source.startswith("benchmarks") or source == "." for source in copied), copied
+    sources = copied_sources((ROOT / "deploy" / "Dockerfile").read_text(encoding="utf-8"))
+    assert sources and not any(s.rstrip("/").split("/")[0] in ("benchmarks", ".", "*") for s in sources), sources
+    assert "benchmarks" in (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
+
+
+def test_copied_sources_sees_every_source_of_copy_and_add() -> None:
+    dockerfile = "FROM x\nCOPY --chown=app . /app\n  add service benchmarks ./\nRUN cp a b\n"
+    assert copied_sources(dockerfile) == [".", "service", "benchmarks"]
+
+
+def test_the_api_schemas_import_nothing_of_the_server_or_torch() -> None:
+    for path in sorted((ROOT / "api_schemas").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        names |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and not node.level}
+        roots = {name.split(".")[0] for name in names}
+        assert not roots & {"service", "benchmarks", "torch", "torchvision", "timm"}, (path.name, roots)
 
 
 def _tree(tmp_path: Path, files: dict[str, str]) -> Path:

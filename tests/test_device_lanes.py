@@ -1,4 +1,4 @@
-"""CPU lanes: two batches at once, each on its own thread with its own model replica and a share of the threads."""
+"""CPU lanes: two batches at once, each on its own thread with its own copy of the model and a share of the threads."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from service.runtime.batching import BatchQueue
-from service.runtime.devices import DeviceLanes, current_lane, default_cpu_lanes, lane_count, use_threads
+from service.model.served import copy_in_use
+from service.runtime.devices import DeviceLanes, default_cpu_lanes, lane_count, use_threads
 from service.http.uploads import decode_image
 from tests.helpers import load_models, png_bytes, random_image, running_app, settings_for, tiny_vit_config
 
@@ -34,16 +35,16 @@ def test_a_call_gets_the_threads_divided_by_the_busy_lanes_and_knows_its_lane(la
     def first() -> tuple[int, int]:
         started.set()
         finish.wait(10)
-        return current_lane(), torch.get_num_threads()
+        return copy_in_use(), torch.get_num_threads()
 
     running = lanes.executor(0).submit(first)
     assert started.wait(10)
-    second = lanes.executor(1).submit(lambda: (current_lane(), torch.get_num_threads())).result(10)
+    second = lanes.executor(1).submit(lambda: (copy_in_use(), torch.get_num_threads())).result(10)
     finish.set()
     assert running.result(10) == (0, 2)  # alone when it started
     assert second == (1, 1)  # two lanes busy: 2 threads // 2
     assert lanes.executor(1).submit(lambda: torch.get_num_threads()).result(10) == 2  # alone again
-    assert current_lane() == 0  # off the lanes
+    assert copy_in_use() == 0  # off the lanes
 
 
 async def test_the_lane_freed_last_is_handed_out_first_and_a_third_caller_waits(lanes) -> None:
@@ -64,7 +65,7 @@ async def test_a_queue_runs_two_batches_at_once_on_two_lanes(lanes) -> None:
 
     def process(items):
         two_running.wait()
-        return [(item, current_lane()) for item in items]
+        return [(item, copy_in_use()) for item in items]
 
     queue = BatchQueue("two", process, lanes, max_batch_size=1, max_wait_ms=0.0, queue_size=8, timeout_s=20.0)
     queue.start()
@@ -74,15 +75,15 @@ async def test_a_queue_runs_two_batches_at_once_on_two_lanes(lanes) -> None:
     assert sorted(r.value[1] for r in results) == [0, 1]
 
 
-def test_replicas_share_the_weights_but_not_hooks_or_switches() -> None:
+def test_lane_copies_share_the_weights_but_not_hooks_or_switches() -> None:
     served = load_models(settings_for(tiny_vit_config()))["tiny_vit"]
     served.make_copies(2)
-    original, replica = served.copies
-    assert original is served.network and replica is not original
-    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(original.parameters(), replica.parameters()))
+    original, lane_copy = served.copies
+    assert original is served.network and lane_copy is not original
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(original.parameters(), lane_copy.parameters()))
     calls: list[str] = []
-    replica.register_forward_hook(lambda *_: calls.append("replica"))
-    replica.blocks[0].attn.fused_attn = not original.blocks[0].attn.fused_attn
+    lane_copy.register_forward_hook(lambda *_: calls.append("lane_copy"))
+    lane_copy.blocks[0].attn.fused_attn = not original.blocks[0].attn.fused_attn
     with torch.inference_mode():
         original(torch.zeros(1, 3, 32, 32))
     assert calls == []
@@ -91,12 +92,12 @@ def test_replicas_share_the_weights_but_not_hooks_or_switches() -> None:
         modules = [pool.executor(i).submit(lambda: served.active_network).result(10) for i in range(2)]
     finally:
         pool.shutdown()
-    assert modules[0] is original and modules[1] is replica
+    assert modules[0] is original and modules[1] is lane_copy
     assert served.active_network is original  # off the lanes
 
 
 async def test_an_explanation_and_a_prediction_running_at_once_do_not_mix() -> None:
-    """raw_attention hooks and switches its replica's attention while a prediction runs the other replica."""
+    """raw_attention hooks and switches its lane's copy's attention while a prediction runs the other copy."""
     settings = settings_for(tiny_vit_config(max_batch_size=1, max_wait_ms=0.0), cpu_workers=2)
     models = load_models(settings)
     served = models["tiny_vit"]
@@ -110,7 +111,7 @@ async def test_an_explanation_and_a_prediction_running_at_once_do_not_mix() -> N
         def wait_for_the_other_lane(*_: object) -> None:
             both_lanes.wait()
 
-        handles = [replica.register_forward_pre_hook(wait_for_the_other_lane) for replica in served.copies]
+        handles = [lane_copy.register_forward_pre_hook(wait_for_the_other_lane) for lane_copy in served.copies]
         try:
             predicted, explained = await asyncio.gather(
                 client.post("/v1/models/tiny_vit/predict", files={"file": ("x.png", predict_image)},
@@ -172,7 +173,7 @@ async def test_warm_up_runs_batch_1_and_the_lane_batch_cap_on_each_lane() -> Non
     settings = settings_for(tiny_vit_config(max_batch_size=8), cpu_workers=2)
     served = load_models(settings)["tiny_vit"]
     sizes: list[tuple[int, int]] = []
-    served.network.register_forward_pre_hook(lambda _module, args: sizes.append((current_lane(), args[0].shape[0])))
+    served.network.register_forward_pre_hook(lambda _module, args: sizes.append((copy_in_use(), args[0].shape[0])))
     async with running_app(settings, {"tiny_vit": served}):
         assert sorted(sizes) == [(0, 1), (0, 4), (1, 1), (1, 4)] and served.ready
 

@@ -5,7 +5,7 @@ added later is checked too:
 - a batch gives each image the maps it gets alone (no method mixes the images of a batch);
 - the method's maps are 2-D, finite and of one shape for every image;
 - a class-specific method gives different maps for different targets;
-- the default params round-trip through the JSON schema of `GET /v1/methods`, which is the params model's schema;
+- params sent as JSON validate against the schema `GET /v1/methods` lists and come back unchanged;
 - every public module of `service.explain.methods` is in the package's explicit import list and registers a method.
 """
 
@@ -18,6 +18,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import torch
 
@@ -41,7 +42,9 @@ SMALL_PARAMS: dict[str, dict[str, Any]] = {
 # One tiny model per family: a ViT with a class token (a 4 x 4 patch grid), and a ResNet (global average pooling, one
 # linear layer) at 64 px, where its last feature map is 2 x 2 (at 32 px it is 1 x 1: no spatial map to compare).
 MODELS = {"vit": "vit", "cnn": "cnn"}  # contract model -> family
-TARGETS = [TargetRequest(index=1), TargetRequest(index=4), TargetRequest(index=7)]
+# The middle image asks for its top 2 classes: two target slots, the second with only that image in it.
+TARGETS = [TargetRequest(index=1), TargetRequest(top_k=2), TargetRequest(index=7)]
+TARGETS_PER_IMAGE = [[1], [None, None], [7]]  # how many targets each image has (top 2: two)
 OTHER_TARGET = TargetRequest(index=6)  # compared with TARGETS[0] on the first image
 CHUNK_SIZE = 4  # perturbation passes of the batched run mix images
 
@@ -129,27 +132,30 @@ def test_batched_maps_equal_per_image_maps(name: str, model: str, models) -> Non
     for i, single in enumerate(alone):
         got, want = batched.outcomes[i].methods[0], single.outcomes[0].methods[0]
         assert batched.outcomes[i].targets == single.outcomes[0].targets
-        assert len(got.maps) == len(want.maps) == 1
-        assert_maps_close(got.maps[0], want.maps[0])
-        if want.layers[0] is not None:
-            assert_maps_close(got.layers[0], want.layers[0])
+        expected_maps = len(TARGETS_PER_IMAGE[i]) if METHODS[name].class_specific else 1
+        assert len(got.maps) == len(want.maps) == expected_maps
+        for slot in range(expected_maps):
+            assert_maps_close(got.maps[slot], want.maps[slot])
+            if want.layers[slot] is not None:
+                assert_maps_close(got.layers[slot], want.layers[slot])
+            if want.statistics[slot] is not None:
+                assert got.statistics[slot].keys() == want.statistics[slot].keys()
+                for key, value in want.statistics[slot].items():
+                    assert got.statistics[slot][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
         assert got.layer_indices == want.layer_indices
-        if want.statistics[0] is not None:
-            assert got.statistics[0].keys() == want.statistics[0].keys()
-            for key, value in want.statistics[0].items():
-                assert got.statistics[0][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
 
 
 @pytest.mark.parametrize(("name", "model"), _cases())
 def test_maps_are_2d_finite_and_one_shape_for_every_image(name: str, model: str, models) -> None:
     batched, _ = batched_and_alone(name, model, models)
-    assert batched.outputs, "the method was never computed"
+    # One pass over the 3 images (class-agnostic), or one per target slot: 3 images, then the one with a 2nd target.
+    passes = [3, 1] if METHODS[name].class_specific else [3]
+    assert [output.maps.shape[0] for output in batched.outputs] == passes
     for output in batched.outputs:  # the method's own tensors, before the pipeline replaces NaN and infinities
-        assert output.maps.ndim == 3 and output.maps.shape[0] == 3, tuple(output.maps.shape)
-        assert output.maps.shape[1] > 0 and output.maps.shape[2] > 0
+        assert output.maps.ndim == 3 and output.maps.shape[1] > 0 and output.maps.shape[2] > 0, output.maps.shape
         assert torch.isfinite(output.maps).all()
         if output.layers is not None:
-            assert output.layers.ndim == 4 and output.layers.shape[0] == 3
+            assert output.layers.ndim == 4 and output.layers.shape[0] == output.maps.shape[0]
             assert torch.isfinite(output.layers).all()
     maps = [outcome.methods[0].maps[0] for outcome in batched.outcomes]
     assert all(m.ndim == 2 for m in maps)
@@ -190,8 +196,14 @@ def listed_methods() -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_methods_schema_is_the_params_model_schema(name: str, listed_methods) -> None:
-    assert listed_methods[name]["params_schema"] == METHODS[name].params_model.model_json_schema()
+def test_params_round_trip_through_the_listed_schema(name: str, listed_methods) -> None:
+    """Params as a client sends them (JSON) validate against the schema `GET /v1/methods` lists, and come back
+    through the params model unchanged: the defaults, and the non-default params this contract runs with."""
+    params_model, schema = METHODS[name].params_model, listed_methods[name]["params_schema"]
+    for params in (params_model(), _params(METHODS[name])):
+        sent = params.model_dump(mode="json")
+        jsonschema.validate(sent, schema)
+        assert params_model.model_validate(sent) == params
 
 
 @pytest.mark.parametrize("name", list(METHODS))

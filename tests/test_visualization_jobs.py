@@ -114,7 +114,9 @@ async def test_class_objective_rises_and_the_png_is_the_optimised_image() -> Non
 
 async def test_channel_objective_rises_at_a_requested_size() -> None:
     settings = settings_for(tiny_cnn_config(warmup_batch_sizes=[1]))
-    torch.manual_seed(0)  # the random weights must not depend on which tests ran before
+    # Fixed random weights: unseeded, they depended on which tests ran before, and for some draws (seeds 4 and 5)
+    # this channel rises by less than assert_rises' 0.05 within 24 steps, with the old blur and the new alike.
+    torch.manual_seed(0)
     models = load_models(settings)
     served = models["tiny_cnn"]
     objective = {"type": "channel", "layer": "layer2.0.conv1", "channel": 5}

@@ -31,14 +31,21 @@ class ModelAnatomy:
         return len(self.attention_modules)
 
 
+def is_recordable_attention(module: nn.Module) -> bool:
+    """Whether the module is a timm attention module whose probabilities can be recorded: it has heads, a
+    fused/explicit switch (`fused_attn`) and an `attn_drop` module applied to the softmax probabilities."""
+    return (hasattr(module, "fused_attn") and isinstance(getattr(module, "attn_drop", None), nn.Module)
+            and hasattr(module, "num_heads"))
+
+
+def is_self_attention_block(module: nn.Module) -> bool:
+    """Whether the module is a ViT-style multi-head self-attention: one `qkv` projection and a head count."""
+    return hasattr(module, "qkv") and hasattr(module, "num_heads")
+
+
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """timm attention modules (fused/explicit switch and an `attn_drop` on the probabilities), in depth order."""
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if hasattr(module, "fused_attn") and isinstance(getattr(module, "attn_drop", None), nn.Module)
-        and hasattr(module, "num_heads")
-    ]
+    """The recordable attention modules (`is_recordable_attention`), in depth order."""
+    return [(name, module) for name, module in model.named_modules() if is_recordable_attention(module)]
 
 
 def first_tensor(output: object) -> torch.Tensor:
@@ -51,8 +58,13 @@ def first_tensor(output: object) -> torch.Tensor:
 
 
 def model_family(model: nn.Module) -> str:
-    """`vit` when the model has timm attention modules whose probabilities can be recorded, else `cnn`."""
-    return "vit" if attention_modules(model) else "cnn"
+    """`vit` when the model is built from ViT-style self-attention blocks (`is_self_attention_block`), else `cnn`.
+
+    Not "has recordable attention": hybrids such as PVT-v2 and Twins record attention through modules without a
+    `qkv` projection and have no single patch grid, so they are served (and explained) as CNNs; CaiT's class-attention
+    blocks are recordable while its self-attention blocks are not. Tested on those models in tests/test_anatomy.py.
+    """
+    return "vit" if any(is_self_attention_block(module) for module in model.modules()) else "cnn"
 
 
 def _last_feature_map_layer(model: nn.Module, input_size: tuple[int, int, int]) -> str:

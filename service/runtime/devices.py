@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from service.model.served import copy_in_use, use_copy
+from service.model.served import use_copy
 
 # torch's intra-op thread count of the process as started (the cores, or OMP_NUM_THREADS).
 COMPUTE_THREADS = torch.get_num_threads()
@@ -36,11 +36,6 @@ def use_one_thread() -> None:
     """Thread initializer of the decode pool: its small tensor operations (ToTensor, Normalize, map rendering) run
     single-threaded instead of competing for the cores with a team of intra-op threads each."""
     use_threads(1)
-
-
-def current_lane() -> int:
-    """The index of the device lane running the calling thread (0 off the lanes): the model copy it runs."""
-    return copy_in_use()
 
 
 def default_cpu_lanes() -> int:

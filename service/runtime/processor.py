@@ -34,9 +34,9 @@ def make_batch_processor(served: ServedModel, handlers: Mapping[type, BatchHandl
     (handlers run in the mapping's order), and the results come back in the batch's order."""
 
     def process(items: Sequence[Any]) -> list[Any]:
-        unknown = {type(item).__name__ for item in items} - {kind.__name__ for kind in handlers}
+        unknown = {type(item) for item in items} - set(handlers)
         if unknown:
-            raise TypeError(f"no batch handler for {sorted(unknown)}")
+            raise TypeError(f"no batch handler for {sorted(kind.__name__ for kind in unknown)}")
         results: list[Any] = [None] * len(items)
         for kind, handler in handlers.items():
             indices = [i for i, item in enumerate(items) if type(item) is kind]

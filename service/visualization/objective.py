@@ -1,7 +1,7 @@
 """The scalar an activation-maximisation job maximises: a class logit, or a statistic of a module's output.
 
 Module outputs are read by a forward hook that stops the forward pass once the module has run (nothing after it
-is needed). Hooks are registered and removed within one call, on the device's first lane (on its replica of the
+is needed). Hooks are registered and removed within one call, on the device's first lane (on its copy of the
 model), so no prediction batch ever sees them.
 """
 
