@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from api_schemas.models import WeightsInfo
 from api_schemas.predict import MAX_TOP_K, ONE_PIXEL_PNG_BASE64, ClassScore, Timings
@@ -28,10 +28,34 @@ class TopKTarget(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    top_k: int = Field(ge=1, le=MAX_TARGETS)
+    top_k: int = Field(ge=1, le=MAX_TARGETS, strict=True)
 
 
-Target = Union[Literal["top1"], int, str, TopKTarget]
+TARGET_FORMS = 'expected "top1", a class index (an integer), a class label (a string) or {"top_k": k}'
+
+
+def _target_form(value: Any) -> str | None:
+    """Which form of `target` a value is, by its JSON type alone: a boolean or a float is none of them (no
+    `true` taken as class 1), so it gets one clear message instead of an error per member of the union."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return "index"
+    if isinstance(value, str):
+        return "name"
+    if isinstance(value, (dict, TopKTarget)):
+        return "top_k"
+    return None
+
+
+Target = Annotated[
+    Union[
+        Annotated[Union[Literal["top1"], str], Tag("name")],
+        Annotated[int, Field(strict=True), Tag("index")],
+        Annotated[TopKTarget, Tag("top_k")],
+    ],
+    Discriminator(_target_form, custom_error_type="invalid_target", custom_error_message=TARGET_FORMS),
+]
 
 
 class OutputOptions(BaseModel):
@@ -53,9 +77,9 @@ class OutputOptions(BaseModel):
         "model's input crop; `tokens`: the patch grid / feature-map grid, no upsampling.",
     )
     colormap: str = Field(default="jet", description="A matplotlib colormap name.", examples=["jet", "viridis"])
-    alpha: float = Field(default=0.5, ge=0.0, le=1.0, description="Heatmap opacity in `overlay_png`.")
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0, strict=True, description="Heatmap opacity in `overlay_png`.")
     max_side: int | None = Field(
-        default=None, ge=8, le=8192,
+        default=None, ge=8, le=8192, strict=True,
         description="Longest side of `original`-space maps; default: the server's configured bound.",
     )
 
@@ -74,7 +98,7 @@ class ExplainOptions(BaseModel):
         description='Class to explain: "top1" (default), a class index, a label, or {"top_k": k} (one map per class).',
     )
     output: OutputOptions = Field(default_factory=OutputOptions)
-    top_k: int = Field(default=5, ge=1, le=MAX_TOP_K, description="How many predictions to return.")
+    top_k: int = Field(default=5, ge=1, le=MAX_TOP_K, strict=True, description="How many predictions to return.")
 
 
 class ExplainJsonRequest(ExplainOptions):
@@ -184,6 +208,15 @@ class MethodInfo(BaseModel):
     params_schema: dict[str, Any] = Field(description="JSON schema of the params, with defaults and bounds.")
     relative_cost: float = Field(description="Approximate cost per image as a multiple of one forward pass.")
     cost_note: str | None = None
+    cost_formula: str = Field(
+        description="How the cost of a request is estimated from the params and targets, in forward passes of the "
+        "model per image; a request's methods together must stay within the model's max_request_cost.",
+        examples=["(2.5 x steps + 1 for gausslegendre) x targets"],
+    )
+    reference_cost: float = Field(
+        description="The estimate with default params and one target on the reference model, deit_tiny_patch16_224 "
+        "at 224x224 (12 blocks of 197 tokens, 192 channels), in its forward passes.",
+    )
 
 
 class MethodListResponse(BaseModel):

@@ -21,7 +21,7 @@ class ClassObjective(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["class"]
-    index: int = Field(ge=0, description="Class index (see the model's labels).", examples=[3])
+    index: int = Field(strict=True, ge=0, description="Class index (see the model's labels).", examples=[3])
 
 
 class ChannelObjective(BaseModel):
@@ -36,7 +36,7 @@ class ChannelObjective(BaseModel):
     type: Literal["channel"]
     layer: str = Field(min_length=1, description="Module name as in `model.named_modules()`.",
                        examples=["layer2.0.conv1"])
-    channel: int = Field(ge=0, description="Channel index in that module's output.", examples=[5])
+    channel: int = Field(strict=True, ge=0, description="Channel index in that module's output.", examples=[5])
 
 
 class LayerObjective(BaseModel):
@@ -55,7 +55,7 @@ class TokenObjective(BaseModel):
 
     type: Literal["token"]
     layer: str = Field(min_length=1, description="Module name as in `model.named_modules()`.", examples=["blocks.1"])
-    token: int = Field(ge=0, description="Token index (prefix tokens such as the class token come first).",
+    token: int = Field(strict=True, ge=0, description="Token index (prefix tokens such as the class token come first).",
                        examples=[0])
 
 
@@ -79,17 +79,27 @@ class VisualizationRequest(BaseModel):
         '"channel": c}, {"type": "layer", "layer": name} or {"type": "token", "layer": name, "token": t}.',
         examples=[{"type": "class", "index": 3}],
     )
-    steps: int = Field(default=256, ge=1, le=MAX_STEPS, description="Optimisation steps.")
-    lr: float = Field(default=0.05, gt=0.0, le=10.0, description="Adam learning rate (normalised input units).")
-    l2_weight: float = Field(default=1e-3, ge=0.0, le=1e4, description="Weight of the mean squared pixel penalty.")
-    tv_weight: float = Field(default=1e-2, ge=0.0, le=1e4, description="Weight of the total-variation penalty.")
-    jitter: int = Field(default=4, ge=0, le=64, description="Largest random shift (pixels) applied before each step.")
+    steps: int = Field(strict=True, default=256, ge=1, le=MAX_STEPS, description="Optimisation steps.")
+    lr: float = Field(
+        default=0.05, gt=0.0, le=10.0, strict=True,
+        description="Adam learning rate (normalised input units).")
+    l2_weight: float = Field(
+        default=1e-3, ge=0.0, le=1e4, strict=True,
+        description="Weight of the mean squared pixel penalty.")
+    tv_weight: float = Field(
+        default=1e-2, ge=0.0, le=1e4, strict=True,
+        description="Weight of the total-variation penalty.")
+    jitter: int = Field(
+        default=4, ge=0, le=64, strict=True,
+        description="Largest random shift (pixels) applied before each step.")
     blur_every: int | None = Field(
-        default=None, ge=1, le=MAX_STEPS, description="Blur the image every this many steps (null: never)."
+        default=None, strict=True, ge=1, le=MAX_STEPS, description="Blur the image every this many steps (null: never)."
     )
-    blur_sigma: float = Field(default=0.5, gt=0.0, le=10.0, description="Gaussian blur sigma in pixels.")
-    seed: int = Field(default=0, ge=0, le=2**63 - 1, description="Seed of the initial noise and the jitter.")
-    size: list[Annotated[int, Field(ge=8, le=MAX_VISUALIZATION_SIDE)]] | None = Field(
+    blur_sigma: float = Field(strict=True, default=0.5, gt=0.0, le=10.0, description="Gaussian blur sigma in pixels.")
+    seed: int = Field(
+        default=0, ge=0, le=2**63 - 1, strict=True,
+        description="Seed of the initial noise and the jitter.")
+    size: list[Annotated[int, Field(ge=8, le=MAX_VISUALIZATION_SIDE, strict=True)]] | None = Field(
         default=None, min_length=2, max_length=2,
         description="[height, width] of the image to optimise; default: the model's input size.",
         examples=[[224, 224]],

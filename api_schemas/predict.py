@@ -13,7 +13,9 @@ class PredictOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    top_k: int = Field(default=5, ge=1, le=MAX_TOP_K, description="How many classes to return, best first.")
+    top_k: int = Field(
+        default=5, ge=1, le=MAX_TOP_K, strict=True, description="How many classes to return, best first."
+    )
 
 
 class PredictJsonRequest(PredictOptions):

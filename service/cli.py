@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from service.config import ServerSettings
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -19,8 +22,21 @@ def _serve(args: argparse.Namespace) -> int:
     level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30)
+    uvicorn.run(app, **uvicorn_options(settings))
     return 0
+
+
+def uvicorn_options(settings: ServerSettings) -> dict[str, Any]:
+    """uvicorn.run's keyword arguments for the settings: where to listen and how long to wait for clients."""
+    from service.http.protocol import protocol_class
+
+    return {
+        "host": settings.host, "port": settings.port, "log_level": settings.log_level,
+        "timeout_graceful_shutdown": 30,
+        "timeout_keep_alive": settings.keep_alive_timeout_s,  # idle keep-alive connections closed after this
+        # uvicorn's httptools protocol plus a header deadline and JSON answers to unparseable requests
+        "http": protocol_class(settings.header_timeout_s),
+    }
 
 
 def _add_bench_parser(commands: argparse._SubParsersAction) -> None:

@@ -48,6 +48,16 @@ class ModelConfig(BaseModel):
         default=32, ge=1, le=4096,
         description="Most images per internal forward pass of perturbation methods (samples, steps, masks).",
     )
+    max_request_cost: float | None = Field(
+        default=None, gt=0.0,
+        description="Most an explain request may cost, in forward passes of this model (the methods' estimates for "
+                    "the image and its targets, see GET /v1/methods); default: the server's max_request_cost.",
+    )
+    max_job_cost: float | None = Field(
+        default=None, gt=0.0,
+        description="Most a visualization job may cost, in forward passes of this model (3 per step, scaled by the "
+                    "image's area relative to the model's input); default: the server's max_job_cost.",
+    )
     warmup_batch_sizes: list[int] | None = Field(
         default=None, description="Batch sizes to warm up with; default: 1 and the batch cap (max_batch_size divided "
                                   "by the lanes of the device, rounded up)."
@@ -74,6 +84,24 @@ class ServerSettings(BaseSettings):
     dtype: DType = "float32"
     max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="Largest request body accepted.")
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="Largest decoded image (width x height).")
+    max_resized_pixels: int = Field(
+        default=10_000_000, ge=1,
+        description="Largest image the model's resize may produce (width x height), checked from the header: timm "
+                    "resizes the short side to the input size, so very thin images would grow enormous (422 beyond).",
+    )
+    max_url_bytes: int = Field(
+        default=8192, ge=256, description="Longest URL (path and query) accepted (414 beyond)."
+    )
+    header_timeout_s: float = Field(
+        default=30.0, gt=0.0, description="How long a client may take to send a request's headers (408 beyond).",
+    )
+    body_timeout_s: float = Field(
+        default=60.0, gt=0.0,
+        description="How long a client may take to send the request body after its headers (408 beyond).",
+    )
+    keep_alive_timeout_s: float = Field(
+        default=5.0, gt=0.0, description="How long an idle keep-alive connection is held open (uvicorn).",
+    )
     max_map_side: int = Field(default=1024, ge=8, le=8192, description="Longest side of original-space maps.")
     decode_threads: int = Field(default=4, ge=1, description="Threads that decode and preprocess images.")
     cpu_workers: int | None = Field(
@@ -86,8 +114,28 @@ class ServerSettings(BaseSettings):
     max_finished_jobs: int = Field(
         default=64, ge=0, le=100_000, description="Finished visualization jobs kept (with results); oldest evicted."
     )
+    max_request_cost: float = Field(
+        default=100.0, gt=0.0,
+        description="Most an explain request may cost, in forward passes of its model (each model may override it); "
+                    "over it: 422 over_budget before any work is queued.",
+    )
+    max_job_cost: float = Field(
+        default=3072.0, gt=0.0,
+        description="Most a visualization job may cost, in forward passes of its model (each model may override "
+                    "it): 3 per step at the model's input size, scaled by the image's area.",
+    )
+    max_response_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024,
+        description="Largest explain response, estimated before queuing from maps x formats x pixels.",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     models: list[ModelConfig] = Field(default_factory=list)
+
+    def request_cost_limit(self, model: ModelConfig) -> float:
+        return model.max_request_cost if model.max_request_cost is not None else self.max_request_cost
+
+    def job_cost_limit(self, model: ModelConfig) -> float:
+        return model.max_job_cost if model.max_job_cost is not None else self.max_job_cost
 
     @model_validator(mode="after")
     def _unique_ids(self) -> ServerSettings:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import io
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+import threading
+import time
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, AsyncIterator, Iterator
 
 import httpx
 import numpy as np
@@ -74,3 +76,25 @@ def png_bytes(image: Image.Image | np.ndarray, fmt: str = "PNG", **save_kwargs: 
 def random_image(seed: int, size: tuple[int, int] = (48, 40)) -> np.ndarray:
     """A distinct RGB image (height, width, 3) per seed."""
     return np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+
+
+@contextmanager
+def uvicorn_in_thread(app: Any, **config: Any) -> Iterator[str]:
+    """The app behind a real uvicorn server on 127.0.0.1 (a free port unless `config` says otherwise), run in a
+    daemon thread; yields its base URL and stops it on exit."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, **{"host": "127.0.0.1", "port": 0, "log_level": "warning", **config}))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(6000):  # models injected: start-up takes seconds at most
+            if server.started:
+                break
+            time.sleep(0.01)
+        else:
+            raise TimeoutError("uvicorn never started")
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)

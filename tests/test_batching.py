@@ -1,4 +1,4 @@
-"""The batch queue on its own: batching, isolation of failures, back-pressure, timeouts, draining."""
+"""The batch queue on its own: batching, isolation of failures, back-pressure, timeouts, abandoned work, draining."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Sequence
 
 import pytest
 
-from service.runtime.batching import BatchQueue, QueueClosedError, QueueFullError, RequestTimeoutError
+from service.runtime.batching import (
+    BatchCancelledError, BatchQueue, QueueClosedError, QueueFullError, RequestTimeoutError, current_batch,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -114,6 +116,102 @@ async def test_timeout_raises_and_the_result_is_not_computed_for_nobody(executor
         await blocked
     await queue.close()
     assert [1] not in recorder.batches  # abandoned before its batch formed: skipped
+
+
+async def test_an_item_whose_caller_is_cancelled_before_its_batch_starts_is_never_computed(executor) -> None:
+    gate = threading.Event()
+    recorder = Recorder(gate)
+    queue = make_queue(recorder, executor, max_batch_size=1, max_wait_ms=0.0)
+    blocked = asyncio.ensure_future(queue.submit(0))
+    await asyncio.sleep(0.02)
+    gone = asyncio.ensure_future(queue.submit(1))  # waits behind the blocked batch
+    await asyncio.sleep(0.02)
+    gone.cancel()  # what a disconnecting client does to its handler
+    await asyncio.gather(gone, return_exceptions=True)
+    gate.set()
+    assert (await blocked).value == 0
+    await queue.close()
+    assert [1] not in recorder.batches
+
+
+class Chunked:
+    """A processor doing long work in chunks, with a checkpoint before each chunk (as the explain pipeline does)."""
+
+    def __init__(self, chunks: int = 10_000) -> None:
+        self.chunks = chunks
+        self.computed = 0  # chunks computed, over every call
+        self.calls: list[list[int]] = []
+        self.started = threading.Event()
+        self.finished = threading.Event()
+
+    def __call__(self, items: Sequence[int]) -> list[int]:
+        self.calls.append(list(items))
+        try:
+            batch = current_batch(len(items))
+            for _ in range(self.chunks):
+                batch.checkpoint()
+                self.computed += 1
+                self.started.set()
+                threading.Event().wait(0.001)
+            return [2 * i for i in items]
+        finally:
+            self.finished.set()
+
+
+async def test_a_running_batch_whose_items_all_time_out_stops_at_its_next_checkpoint_and_is_not_retried(
+    executor,
+) -> None:
+    work = Chunked()
+    queue = make_queue(work, executor, max_batch_size=2, max_wait_ms=20.0, timeout_s=0.3)
+    outcomes = await asyncio.gather(queue.submit(1), queue.submit(2), return_exceptions=True)
+    assert all(isinstance(o, RequestTimeoutError) for o in outcomes)
+    at_timeout = work.computed
+    assert work.started.is_set() and await asyncio.to_thread(work.finished.wait, 10)
+    await queue.close()
+    assert work.computed - at_timeout <= 2  # the chunk in flight, and one more at most
+    assert work.calls == [[1, 2]]  # cancelled: not retried item by item
+
+
+async def test_a_batch_with_an_item_still_wanted_runs_to_the_end_for_it(executor) -> None:
+    work = Chunked(chunks=50)
+    queue = make_queue(work, executor, max_batch_size=2, max_wait_ms=20.0)
+    wanted = asyncio.ensure_future(queue.submit(1))
+    gone = asyncio.ensure_future(queue.submit(2))
+    assert await asyncio.to_thread(work.started.wait, 10)
+    gone.cancel()
+    assert (await wanted).value == 2
+    assert work.computed == 50 and work.calls == [[1, 2]]
+    await queue.close()
+
+
+async def test_a_failed_batch_is_retried_only_for_the_items_still_wanted(executor) -> None:
+    calls: list[list[int]] = []
+    abandoned = threading.Event()
+
+    def process(items: Sequence[int]) -> list[int]:
+        calls.append(list(items))
+        if len(items) > 1:
+            abandoned.wait(10)  # the second item's caller leaves while the batch runs, then the batch fails
+            raise ValueError("the batch failed")
+        return [2 * i for i in items]
+
+    queue = make_queue(process, executor, max_batch_size=2, max_wait_ms=20.0)
+    wanted = asyncio.ensure_future(queue.submit(1))
+    gone = asyncio.ensure_future(queue.submit(2))
+    await asyncio.sleep(0.1)
+    gone.cancel()
+    await asyncio.gather(gone, return_exceptions=True)
+    abandoned.set()
+    assert (await wanted).value == 2
+    await queue.close()
+    assert calls == [[1, 2], [1]]
+
+
+def test_outside_a_queue_every_item_is_wanted_and_checkpoints_pass() -> None:
+    batch = current_batch(3)
+    batch.checkpoint()
+    assert [batch.wanted(i) for i in range(3)] == [True, True, True]
+    assert BatchCancelledError.__mro__[1] is Exception  # not a TimeoutError/CancelledError: never mistaken for one
 
 
 async def test_close_drains_accepted_requests_then_refuses_new_ones(executor) -> None:

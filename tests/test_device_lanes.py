@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.runtime.batching import BatchQueue
+from service.runtime.batching import BatchQueue, current_batch
 from service.model.served import copy_in_use
 from service.runtime.devices import DeviceLanes, default_cpu_lanes, lane_count, use_threads
 from service.http.uploads import decode_image
@@ -206,3 +206,125 @@ def test_a_threads_own_count_survives_another_thread_setting_a_different_one() -
     for thread in threads:
         thread.join(10)
     assert seen == [1]
+
+
+class LongWork:
+    """A processor running each batch as `chunks` chunks with a checkpoint before each; records every chunk under
+    its batch's first item."""
+
+    def __init__(self, chunks: int, events: list[str]) -> None:
+        self.chunks, self.events = chunks, events
+        self.started = threading.Event()
+
+    def __call__(self, items):
+        batch = current_batch(len(items))
+        for chunk in range(self.chunks):
+            batch.checkpoint()
+            self.events.append(f"{items[0]} chunk {chunk}")
+            self.started.set()
+            threading.Event().wait(0.002)
+        return list(items)
+
+
+def make_lane_queue(name: str, process, lanes: DeviceLanes) -> BatchQueue:
+    queue = BatchQueue(name, process, lanes, max_batch_size=1, max_wait_ms=0.0, queue_size=8, timeout_s=60.0)
+    queue.start()
+    return queue
+
+
+async def test_a_long_batch_lends_its_only_lane_to_another_queue_between_chunks() -> None:
+    """Model A's long batch holds the single lane (a GPU, or cpu_workers = 1); model B's short batch runs at A's
+    next chunk boundary, on that lane's thread with its own copy, and A then goes on."""
+    lanes = DeviceLanes(CPU, 1, threads=1)
+    events: list[str] = []
+    long_work = LongWork(200, events)
+
+    def short(items):
+        events.append(f"{items[0]} on copy {copy_in_use()}")
+        return list(items)
+
+    a, b = make_lane_queue("a", long_work, lanes), make_lane_queue("b", short, lanes)
+    try:
+        explaining = asyncio.ensure_future(a.submit("A"))
+        assert await asyncio.to_thread(long_work.started.wait, 10)
+        assert (await b.submit("B")).value == "B"
+        assert not explaining.done()  # B was answered while A still ran
+        assert (await explaining).value == "A"
+    finally:
+        await a.close()
+        await b.close()
+        lanes.shutdown()
+    lent_at = events.index("B on copy 0")
+    assert 0 < lent_at < len(events) - 1 and events[-1] == "A chunk 199"
+
+
+async def test_a_long_batch_does_not_lend_its_lane_to_its_own_queue() -> None:
+    """A batch of the same model would run the copy the long batch is using (its hooks, its attention switch)."""
+    lanes = DeviceLanes(CPU, 1, threads=1)
+    events: list[str] = []
+    long_work = LongWork(30, events)
+    a = make_lane_queue("a", long_work, lanes)
+    try:
+        first = asyncio.ensure_future(a.submit("first"))
+        assert await asyncio.to_thread(long_work.started.wait, 10)
+        second = asyncio.ensure_future(a.submit("second"))
+        assert [r.value for r in await asyncio.gather(first, second)] == ["first", "second"]
+    finally:
+        await a.close()
+        lanes.shutdown()
+    assert events == [f"first chunk {i}" for i in range(30)] + [f"second chunk {i}" for i in range(30)]
+
+
+async def test_a_borrowed_lane_is_not_lent_again() -> None:
+    lanes = DeviceLanes(CPU, 1, threads=1)
+    events: list[str] = []
+    long_a, long_b = LongWork(100, events), LongWork(20, events)
+    a, b = make_lane_queue("a", long_a, lanes), make_lane_queue("b", long_b, lanes)
+    try:
+        first = asyncio.ensure_future(a.submit("A1"))
+        assert await asyncio.to_thread(long_a.started.wait, 10)
+        borrowed = asyncio.ensure_future(b.submit("B"))
+        assert await asyncio.to_thread(long_b.started.wait, 10)
+        again = asyncio.ensure_future(a.submit("A2"))  # A waits again while B runs on A1's lent lane
+        assert [r.value for r in await asyncio.gather(first, borrowed, again)] == ["A1", "B", "A2"]
+    finally:
+        await a.close()
+        await b.close()
+        lanes.shutdown()
+    runs = [e.split()[0] for e in events]
+    b_chunks = [i for i, run in enumerate(runs) if run == "B"]
+    assert b_chunks == list(range(b_chunks[0], b_chunks[0] + 20))  # B's chunks in one run: nothing nested in B
+    assert runs.index("A2") > max(i for i, run in enumerate(runs) if run == "A1")  # A2 never nested in A1
+
+
+async def test_a_batch_run_on_a_lent_lane_gets_the_lanes_own_autograd_modes() -> None:
+    """The lender may pause inside inference mode (a chunk loop); the borrower may need gradients."""
+    lanes = DeviceLanes(CPU, 1, threads=1)
+    paused = threading.Event()
+    modes: list[tuple[bool, bool]] = []
+
+    def lender(items):
+        with torch.inference_mode():
+            paused.set()
+            for _ in range(2000):
+                current_batch(len(items)).checkpoint()
+                if modes:  # the borrower ran at that checkpoint, inside this inference-mode block
+                    return ["lent"]
+                threading.Event().wait(0.002)
+        return list(items)
+
+    def borrower(items):
+        modes.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+        return list(items)
+
+    a, b = make_lane_queue("a", lender, lanes), make_lane_queue("b", borrower, lanes)
+    try:
+        lending = asyncio.ensure_future(a.submit("A"))
+        assert await asyncio.to_thread(paused.wait, 10)
+        assert (await b.submit("B")).value == "B"
+        assert (await lending).value == "lent"
+    finally:
+        await a.close()
+        await b.close()
+        lanes.shutdown()
+    assert modes == [(True, False)]

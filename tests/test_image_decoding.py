@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from service.http.errors import ApiError
-from service.http.uploads import decode_image, to_rgb
+from service.http.uploads import SizeCheck, decode_image, resized_size_check, to_rgb
 from tests.helpers import png_bytes, random_image
 
 BIG = 100_000_000  # a max_pixels that no test image reaches
@@ -22,9 +22,9 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image).astype(int)
 
 
-def decode_error(data: bytes, max_pixels: int = BIG) -> ApiError:
+def decode_error(data: bytes, max_pixels: int = BIG, check_size: SizeCheck | None = None) -> ApiError:
     with pytest.raises(ApiError) as info:
-        decode_image(data, max_pixels)
+        decode_image(data, max_pixels, check_size)
     return info.value
 
 
@@ -293,3 +293,39 @@ def test_truncated_bomb_is_still_413_not_400() -> None:
     data = bilevel_png(8000, 8000)
     error = decode_error(data[:200], max_pixels=1_000_000)
     assert (error.status, error.code) == (413, "image_too_large")
+
+
+def test_bomb_over_pillows_own_limit_names_the_configured_limit(no_pixel_decoding: None) -> None:
+    error = decode_error(bilevel_png(20000, 20000), max_pixels=40_000_000)
+    assert "400000000" in error.message and "40000000 (max_image_pixels)" in error.message
+    assert str(2 * Image.MAX_IMAGE_PIXELS) not in error.message  # Pillow's own limit is not ours
+
+
+# --- the size after the model's resize (thin images) ------------------------------------------------------------
+
+
+def _resnet_like_transform() -> object:
+    from timm.data import create_transform
+
+    return create_transform(input_size=(3, 224, 224), crop_pct=0.875, is_training=False)  # resize 256, crop 224
+
+
+@pytest.mark.parametrize("size", [(10_000, 1), (40_000, 1), (40_000_000, 1), (1, 10_000), (2_000, 10)])
+def test_image_whose_resize_would_exceed_max_resized_pixels_is_422_from_the_header(
+    no_pixel_decoding: None, size: tuple[int, int]
+) -> None:
+    check = resized_size_check(_resnet_like_transform(), 10_000_000, "m")
+    error = decode_error(bilevel_png(*size), max_pixels=40_000_000, check_size=check)
+    assert (error.status, error.code) == (422, "extreme_aspect_ratio")
+    assert f"{size[0]}x{size[1]}" in error.message and "max_resized_pixels" in error.message
+
+
+def test_resized_size_bound_is_exact_for_timms_short_side_resize() -> None:
+    # 256 on the short side: 1000x256 -> 1000x256 (256,000 px); 1001x256 -> 1001x256.
+    check = resized_size_check(_resnet_like_transform(), 256_000, "m")
+    check(1000, 256)
+    check(500, 128)  # 1000x256 after the resize
+    with pytest.raises(ApiError) as refused:
+        check(1001, 256)
+    assert refused.value.status == 422
+    assert decode_image(bilevel_png(500, 128), BIG, check).size == (500, 128)

@@ -36,6 +36,7 @@ pytestmark = pytest.mark.anyio
 
 CLASS_3 = {"type": "class", "index": 3}
 LONG = 10_000  # steps of a job that only ends by cancellation
+LONG_BUDGET = {"max_job_cost": 3.0 * LONG}  # a model config admitting LONG jobs at the input size
 
 
 async def start_job(client, body: dict[str, Any], model: str = "tiny_vit"):
@@ -141,7 +142,7 @@ async def test_channel_objective_rises_at_a_requested_size() -> None:
 
 
 async def test_progress_advances_and_cancel_stops_the_job() -> None:
-    settings = settings_for(tiny_vit_config())
+    settings = settings_for(tiny_vit_config(**LONG_BUDGET))
     models = load_models(settings)
     forwards = [0]
     models["tiny_vit"].active_network.register_forward_pre_hook(lambda _m, _i: forwards.__setitem__(0, forwards[0] + 1))
@@ -173,7 +174,7 @@ async def test_progress_advances_and_cancel_stops_the_job() -> None:
 
 
 async def test_predict_is_served_promptly_while_a_long_job_runs() -> None:
-    settings = settings_for(tiny_vit_config(max_wait_ms=5.0))
+    settings = settings_for(tiny_vit_config(max_wait_ms=5.0, **LONG_BUDGET))
     models = load_models(settings)
     served = models["tiny_vit"]
     images = [png_bytes(random_image(seed)) for seed in range(6)]
@@ -211,7 +212,7 @@ async def test_predict_is_served_promptly_while_a_long_job_runs() -> None:
 
 
 async def test_job_limit_gives_429_until_a_job_ends() -> None:
-    async with running_app(settings_for(tiny_vit_config(), max_jobs=2)) as (client, _):
+    async with running_app(settings_for(tiny_vit_config(**LONG_BUDGET), max_jobs=2)) as (client, _):
         first = await start_job(client, {"objective": CLASS_3, "steps": LONG})
         second = await start_job(client, {"objective": CLASS_3, "steps": LONG, "seed": 1})
         refused = await start_job(client, {"objective": CLASS_3, "steps": 5})
@@ -318,7 +319,7 @@ async def test_a_failing_step_fails_the_job_and_not_the_server() -> None:
 
 
 async def test_shutdown_cancels_running_jobs() -> None:
-    async with running_app(settings_for(tiny_vit_config())) as (client, app):
+    async with running_app(settings_for(tiny_vit_config(**LONG_BUDGET))) as (client, app):
         jobs = app.state.service.jobs
         job_id = (await start_job(client, {"objective": CLASS_3, "steps": LONG})).json()["id"]
         await wait_job(client, job_id, lambda s: s["progress"]["step"] >= 1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -47,15 +47,27 @@ class CaptureNeeds:
         return self.attention_grad or bool(self.layer_grads) or self.input_grad
 
 
+class WorkAbandoned(Exception):
+    """Nobody waits for the images a computation is for any more: it stopped at a chunk boundary."""
+
+
+def _carry_on() -> None:
+    """The checkpoint of work nobody can abandon (direct calls, tests)."""
+
+
 class ModelRunner:
     """Lets perturbation methods run the model again, in chunks of at most `chunk_size` images.
 
-    Only used on the lane running the batch, like every other use of that lane's copy of the model.
+    Only used on the lane running the batch, like every other use of that lane's copy of the model. `checkpoint`
+    runs before every chunk: it raises (WorkAbandoned, or the runtime's cancellation) when nobody waits for the
+    result any more, and may let another model's batch use the lane first. Methods with loops of their own call it
+    between their steps.
     """
 
     def __init__(
         self, module: nn.Module, device: torch.device, dtype: torch.dtype, chunk_size: int,
         mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+        checkpoint: Callable[[], None] = _carry_on,
     ) -> None:
         self.module = module
         self.device = device
@@ -64,12 +76,18 @@ class ModelRunner:
         # The input normalisation (pixels = (image - mean) / std per channel), for methods that need real colours
         self.mean = mean
         self.std = std
+        self.checkpoint = checkpoint
+
+    def with_checkpoint(self, checkpoint: Callable[[], None]) -> ModelRunner:
+        """This runner with another checkpoint (the pipeline gives each method pass its own)."""
+        return ModelRunner(self.module, self.device, self.dtype, self.chunk_size, self.mean, self.std, checkpoint)
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """float32 logits of any number of images, without gradients."""
         outputs = []
-        with torch.inference_mode():
-            for chunk in pixels.split(self.chunk_size):
+        for chunk in pixels.split(self.chunk_size):
+            self.checkpoint()  # outside inference mode: a batch run meanwhile on this lane must not inherit it
+            with torch.inference_mode():
                 outputs.append(self.module(chunk.to(self.device, self.dtype)).float())
         return torch.cat(outputs)
 
@@ -77,6 +95,7 @@ class ModelRunner:
         """(target logits (n,), d(target logit)/d(pixels) (n, C, H, W)) for any number of images, in chunks."""
         scores, grads = [], []
         for chunk, chunk_targets in zip(pixels.split(self.chunk_size), targets.split(self.chunk_size)):
+            self.checkpoint()
             with torch.enable_grad():
                 x = chunk.detach().to(self.device, self.dtype).requires_grad_(True)
                 logits = self.module(x).float()

@@ -1,21 +1,44 @@
 """One batch of explanation jobs, in stages (`run_explain_batch` reads top to bottom): merge what the methods need
 captured, one recording forward pass, resolve each image's targets, group identical method requests across the batch,
 one backward pass per target slot, each method's tensor work over the sub-batch of images that asked for it, and the
-maps scattered back to each job."""
+maps scattered back to each job.
+
+Abandoned jobs (their requester has gone; the runtime's batch says which) stop early: every method pass, and every
+chunk of perturbation methods, starts with a checkpoint. A pass whose images all belong to abandoned jobs stops
+there (WorkAbandoned; those jobs get it as their outcome, nobody receives it) and the other jobs get their maps.
+The checkpoint also lets another model's waiting batch use the lane (see service/runtime/devices.py)."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Protocol, Sequence
 
 import torch
 from pydantic import BaseModel
 
-from service.explain.captures import CaptureBatch, CaptureNeeds, ModelRunner, record
+from service.explain.captures import CaptureBatch, CaptureNeeds, ModelRunner, WorkAbandoned, record
 from service.explain.registry import ExplainMethod
 from service.explain.targets import TargetRequest
 from service.model.served import ServedModel
+
+
+class BatchControl(Protocol):
+    """The running batch as the runtime shows it (`service.runtime.batching.RunningBatch`), seen as these jobs."""
+
+    def wanted(self, index: int) -> bool: ...
+
+    def checkpoint(self) -> None: ...  # raises when no job is wanted; may let another model use the lane
+
+
+class _Unstoppable:
+    """Direct calls (tests, benchmarks): every job wanted, nothing else waiting for the lane."""
+
+    def wanted(self, index: int) -> bool:
+        return True
+
+    def checkpoint(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -183,13 +206,25 @@ def _slot_captures(
     return slots
 
 
+def _pass_checkpoint(batch: BatchControl, images: Sequence[int]) -> Callable[[], None]:
+    """The checkpoint of a method pass over `images`: stop when none of their jobs is wanted any more."""
+
+    def checkpoint() -> None:
+        if not any(batch.wanted(i) for i in images):
+            raise WorkAbandoned(f"nobody waits for images {list(images)} any more")
+        batch.checkpoint()
+
+    return checkpoint
+
+
 def _compute_group(
     served: ServedModel, group: _MethodGroup, captures: CaptureBatch, slots: list[CaptureBatch],
-    targets: list[list[int]],
+    targets: list[list[int]], batch: BatchControl, abandoned: dict[int, WorkAbandoned],
 ) -> dict[tuple[int, int], MethodMaps]:
     """One method's maps for each of its members: class-agnostic methods in one pass over the members' images,
     class-specific ones in one pass per target slot over the members with that many targets. Each member is
-    charged the time of every pass it was part of."""
+    charged the time of every pass it was part of. A pass nobody waits for any more stops at its next checkpoint and
+    its images' jobs go into `abandoned` (abandoning is final: every job of the pass is abandoned)."""
     request = group.request
     method = request.method
     results = {member: MethodMaps(maps=[], layers=[], layer_indices=None, compute_ms=0.0) for member in group.members}
@@ -201,8 +236,17 @@ def _compute_group(
         if not members:
             continue
         started = time.perf_counter()
-        index = torch.tensor([i for i, _ in members])
-        output = method.compute(source.select(index), request.params, served.anatomy)
+        images = [i for i, _ in members]
+        checkpoint = _pass_checkpoint(batch, images)
+        try:
+            checkpoint()
+            selected = source.select(torch.tensor(images))
+            if selected.runner is not None:
+                selected = replace(selected, runner=selected.runner.with_checkpoint(checkpoint))
+            output = method.compute(selected, request.params, served.anatomy)
+        except WorkAbandoned as stopped:
+            abandoned.update(dict.fromkeys(images, stopped))
+            continue
         maps = _finite(output.maps)
         layer_maps = None if output.layers is None else _finite(output.layers)
         _synchronize(served.device)
@@ -219,10 +263,11 @@ def _compute_group(
 
 def _outcomes(
     jobs: Sequence[ExplainJob], probabilities: list[torch.Tensor], targets: list[list[int]],
-    maps: dict[tuple[int, int], MethodMaps],
-) -> list[ExplainOutcome]:
-    """Each job's outcome, its methods' maps back in the job's order."""
+    maps: dict[tuple[int, int], MethodMaps], abandoned: dict[int, WorkAbandoned],
+) -> list[ExplainOutcome | WorkAbandoned]:
+    """Each job's outcome, its methods' maps back in the job's order (an abandoned job: why it stopped)."""
     return [
+        abandoned[i] if i in abandoned else
         ExplainOutcome(probabilities=probabilities[i], targets=targets[i],
                        methods=[maps[(i, m)] for m in range(len(job.methods))])
         for i, job in enumerate(jobs)
@@ -230,10 +275,13 @@ def _outcomes(
 
 
 def run_explain_batch(
-    served: ServedModel, jobs: Sequence[ExplainJob], chunk_size: int | None = None
-) -> list[ExplainOutcome]:
+    served: ServedModel, jobs: Sequence[ExplainJob], batch: BatchControl | None = None,
+    chunk_size: int | None = None,
+) -> list[ExplainOutcome | WorkAbandoned]:
     """Explain a batch of jobs (runs on a lane of the model's device). Perturbation methods run the model on at most
-    `chunk_size` images at a time (default: the model's explain_chunk_size)."""
+    `chunk_size` images at a time (default: the model's explain_chunk_size). `batch` says which jobs are still
+    wanted (default: all); an abandoned job's outcome is the WorkAbandoned that stopped its work."""
+    batch = _Unstoppable() if batch is None else batch
     needs = _merged_needs(jobs)
     forward = _forward(served, torch.stack([job.pixels for job in jobs]), needs)
     captures = _captures(served, forward, chunk_size or served.config.explain_chunk_size)
@@ -243,6 +291,7 @@ def run_explain_batch(
     slots = _slot_captures(forward, needs, captures, targets, groups)
     del forward  # the graph: every gradient has been taken
     maps: dict[tuple[int, int], MethodMaps] = {}
+    abandoned: dict[int, WorkAbandoned] = {}
     for group in groups:
-        maps.update(_compute_group(served, group, captures, slots, targets))
-    return _outcomes(jobs, probabilities, targets, maps)
+        maps.update(_compute_group(served, group, captures, slots, targets, batch, abandoned))
+    return _outcomes(jobs, probabilities, targets, maps, abandoned)

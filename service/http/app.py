@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 ModelLoader = Callable[[ServerSettings], dict[str, ServedModel]]
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "body_too_large"}
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "body_too_large",
+               408: "body_timeout", 414: "url_too_long"}
 
 
 def load_models(settings: ServerSettings) -> dict[str, ServedModel]:
@@ -96,7 +97,8 @@ def create_app(
                    jobs_routes):
         app.include_router(routes.router)
     _install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes,
+                       max_url_bytes=settings.max_url_bytes, body_timeout_s=settings.body_timeout_s)
     app.add_middleware(RequestMetricsMiddleware, service=lambda: getattr(app.state, "service", None))
     install_openapi(app)
     return app

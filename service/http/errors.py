@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
+
+from starlette.requests import Request
 
 from api_schemas import ErrorDetail, ErrorResponse
 from service.runtime.batching import BatchedResult, BatchQueue, QueueClosedError, QueueFullError, RequestTimeoutError
@@ -51,10 +54,39 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ErrorResponse, "description": descriptions[s]} for s in statuses}
 
 
-async def submit_or_raise(queue: BatchQueue, payload: Any) -> BatchedResult:
-    """Submit and wait; 503 when full or closing, 504 on timeout, the item's own ApiError, else 500."""
+async def _until_disconnected(request: Request) -> None:
+    """Returns when the client closes its connection. The body has been read, so the next ASGI message is the
+    disconnect (uvicorn sends it as soon as the socket closes; httpx's in-process transport once the response is
+    complete, and it cancels the handler itself when its caller is cancelled). A server that cannot tell is never
+    taken for a disconnect."""
     try:
-        return await queue.submit(payload)
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 - no disconnect to watch for: wait for the result alone
+        await asyncio.get_running_loop().create_future()
+
+
+async def submit_or_raise(queue: BatchQueue, payload: Any, request: Request | None = None) -> BatchedResult:
+    """Submit and wait; 503 when full or closing, 504 on timeout, the item's own ApiError, else 500.
+
+    With `request`, a client that disconnects while waiting abandons its item (never started, or stopped at the next
+    chunk of its batch's work) and gets 499 `client_closed_request`, which nobody receives but the logs and metrics.
+    """
+    try:
+        if request is None:
+            return await queue.submit(payload)
+        submitted = asyncio.ensure_future(queue.submit(payload))
+        disconnected = asyncio.ensure_future(_until_disconnected(request))
+        try:
+            await asyncio.wait((submitted, disconnected), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnected.cancel()
+            if not submitted.done():  # the client went away (or this handler was cancelled): abandon the item
+                submitted.cancel()
+                await asyncio.gather(submitted, return_exceptions=True)
+        if not submitted.done() or submitted.cancelled():
+            raise ApiError(499, "client_closed_request", "the client closed the connection before the result")
+        return submitted.result()
     except QueueFullError as exc:
         raise ApiError(503, "queue_full", str(exc), {"Retry-After": "1"}) from None
     except QueueClosedError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import TYPE_CHECKING, Callable
@@ -17,11 +18,28 @@ _MODEL_PATH = re.compile(r"^/v1/models/([^/]+)/([a-z_]+)$")
 
 
 class BodySizeLimitMiddleware:
-    """Checks Content-Length up front and counts streamed bytes for chunked bodies."""
+    """Checks Content-Length up front and counts streamed bytes for chunked bodies; also refuses overlong URLs
+    (414) and bodies that do not arrive within `body_timeout_s` of the request's headers (408, slow clients), all in
+    the JSON envelope."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, max_url_bytes: int | None = None, body_timeout_s: float | None = None
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_url_bytes = max_url_bytes
+        self.body_timeout_s = body_timeout_s
+
+    def _url_too_long(self, size: int) -> ApiError | None:
+        if self.max_url_bytes is None or size <= self.max_url_bytes:
+            return None
+        return ApiError(414, "url_too_long", f"the URL is {size} bytes; the limit is {self.max_url_bytes} bytes "
+                        "(max_url_bytes): send options in the request body")
+
+    def _body_timeout(self) -> ApiError:
+        # Connection: close, as the rest of the body may still be on its way.
+        return ApiError(408, "body_timeout", f"the request body did not arrive within {self.body_timeout_s:g} s "
+                        "(body_timeout_s): send it faster, or send a smaller one", {"Connection": "close"})
 
     def _too_large(self, size: int | str) -> ApiError:
         return ApiError(
@@ -32,15 +50,28 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        url_error = self._url_too_long(len(scope.get("raw_path") or scope.get("path", "").encode())
+                                       + len(scope.get("query_string", b"")))
+        if url_error is not None:
+            await _send_error(send, url_error)
+            return
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
                 await _send_error(send, self._too_large(int(value)))
                 return
         received = 0
+        loop = asyncio.get_running_loop()
+        deadline = None if self.body_timeout_s is None else loop.time() + self.body_timeout_s
 
         async def limited_receive() -> Message:
             nonlocal received
-            message = await receive()
+            if deadline is None:
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    raise self._body_timeout() from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
@@ -52,11 +83,12 @@ class BodySizeLimitMiddleware:
 
 async def _send_error(send: Send, error: ApiError) -> None:
     body = json.dumps(error.body()).encode()
+    extra = [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
     await send(
         {
             "type": "http.response.start",
             "status": error.status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra],
         }
     )
     await send({"type": "http.response.body", "body": body})

@@ -54,6 +54,12 @@ def image_request_body(json_model: type[BaseModel], options_model: type[BaseMode
     }
 
 
+def json_request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for a route that reads and validates its JSON body itself (`uploads.read_json_request`), so
+    that malformed JSON gets the documented 400 `invalid_json` rather than the framework's own answer."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": _register(model)}}}}
+
+
 def install_openapi(app: FastAPI) -> None:
     """Generate the document once, adding the schemas that request bodies refer to."""
 

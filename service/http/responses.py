@@ -24,9 +24,10 @@ from api_schemas import (
     WeightsInfo,
 )
 from service.explain.pipeline import ExplainOutcome, MethodRequest
-from service.explain.registry import ExplainMethod
+from service.explain.registry import CostContext, ExplainMethod
 from service.explain.render.geometry import CropGeometry
 from service.explain.render.maps import RenderOptions, render_map
+from service.model.anatomy import ModelAnatomy
 from service.model.served import ServedModel
 from service.runtime.batching import BatchedResult, lane_batch_cap
 
@@ -78,6 +79,19 @@ def model_info(served: ServedModel) -> ModelInfo:
     )
 
 
+# The reference model of MethodInfo.reference_cost: deit_tiny_patch16_224 as analyse_model describes it.
+REFERENCE_CHANNELS = 192
+REFERENCE_CONTEXT = CostContext(
+    anatomy=ModelAnatomy(
+        family="vit", attention_modules=tuple(f"blocks.{i}.attn" for i in range(12)), num_prefix_tokens=1,
+        has_class_token=True, grid_size=(14, 14), feature_layer="blocks.11.norm1",
+        module_names=frozenset(f"blocks.{i}.{part}" for i in range(12) for part in ("attn", "norm1")),
+    ),
+    targets=1,
+    layer_channels=lambda name: REFERENCE_CHANNELS,
+)
+
+
 def method_info(method: ExplainMethod) -> MethodInfo:
     return MethodInfo(
         name=method.name,
@@ -87,6 +101,8 @@ def method_info(method: ExplainMethod) -> MethodInfo:
         params_schema=method.params_model.model_json_schema(),
         relative_cost=method.relative_cost,
         cost_note=method.cost_note,
+        cost_formula=method.method_cost.formula,
+        reference_cost=round(method.estimate_cost(method.params_model(), REFERENCE_CONTEXT).units, 3),
     )
 
 

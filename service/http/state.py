@@ -13,7 +13,7 @@ from PIL import Image
 
 from service.config import ServerSettings
 from service.explain.pipeline import ExplainJob, run_explain_batch
-from service.http.uploads import decode_image
+from service.http.uploads import decode_image, resized_size_check
 from service.model.served import ServedModel
 from service.runtime.batching import BatchQueue, lane_batch_cap
 from service.runtime.devices import DeviceWorkers, use_one_thread
@@ -94,7 +94,8 @@ class ServiceState:
         """Decode the upload and apply the model's transform, off the event loop."""
 
         def work() -> tuple[Image.Image, object]:
-            image = decode_image(data, self.settings.max_image_pixels)
+            fits = resized_size_check(served.transform, self.settings.max_resized_pixels, served.id)
+            image = decode_image(data, self.settings.max_image_pixels, fits)
             return image, served.preprocess(image)
 
         return await self.off_loop(work)

@@ -9,15 +9,17 @@ import io
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 import numpy as np
 from fastapi import Request
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api_schemas.errors import validation_message
+from service.explain.render.geometry import UnsupportedTransformError, crop_geometry
 from service.http.errors import ApiError, invalid_request
 
 O = TypeVar("O", bound=BaseModel)
@@ -65,7 +67,11 @@ async def read_image_request(
     """Parse the body as multipart (`file` field) or JSON (`image` field, base64)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=100, max_part_size=max_body_bytes)
+        try:
+            form = await request.form(max_files=1, max_fields=100, max_part_size=max_body_bytes)
+        except StarletteHTTPException as exc:  # Starlette's 400 for a body it cannot parse: say it is the multipart
+            raise ApiError(400, "invalid_multipart", f"the multipart/form-data body cannot be parsed: {exc.detail}; "
+                           "send one 'file' part and the options as text fields") from None
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise invalid_request("file: a multipart upload needs the image in a field named 'file'")
@@ -73,13 +79,7 @@ async def read_image_request(
         fields = {key: _form_value(value) for key, value in form.multi_items() if key != "file" and isinstance(value, str)}
         return ImageRequest(data, _validate(options_model, fields))
     if content_type in ("application/json", ""):
-        try:
-            payload = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
-        if not isinstance(payload, dict):
-            raise invalid_request("body: expected a JSON object")
-        parsed = _validate(json_model, payload)
+        parsed = _validate(json_model, parse_json_object(await request.body()))
         options = options_model.model_validate(parsed.model_dump(exclude={"image"}))
         return ImageRequest(decode_base64_image(parsed.image), options)  # type: ignore[attr-defined]
     raise ApiError(
@@ -87,9 +87,38 @@ async def read_image_request(
         f"content-type {content_type!r} is not supported; send multipart/form-data or application/json",
     )
 
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object: 400 `invalid_json` for anything that is not JSON (nesting too deep for the parser
+    included: a client's mistake, never a 500), 422 for JSON that is not an object."""
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # the C parser's guard against deep nesting; it leaves the interpreter usable
+        raise ApiError(400, "invalid_json", "the body is not usable JSON: it is nested too deeply") from None
+    if not isinstance(payload, dict):
+        raise invalid_request("body: expected a JSON object")
+    return payload
+
+
+async def read_json_request(request: Request, model: type[O]) -> O:
+    """A JSON-only body (`application/json`, or no content type) validated against `model`: 400 `invalid_json`,
+    415 for another content type, 422 naming the field (the same errors as the image routes' JSON form)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in ("application/json", ""):
+        raise ApiError(
+            415, "unsupported_media_type", f"content-type {content_type!r} is not supported; send application/json"
+        )
+    return _validate(model, parse_json_object(await request.body()))
+
 # Pixels composited under transparent areas (the convention of timm's and torchvision's loaders is to drop alpha;
 # white matches how browsers show transparent product photos and logos).
 ALPHA_BACKGROUND = (255, 255, 255)
+
+
+# Checks the (width, height) an image will have before its pixels are decoded; raises ApiError to refuse it.
+SizeCheck = Callable[[int, int], None]
 
 
 def _check_pixels(image: Image.Image, max_pixels: int) -> None:
@@ -100,8 +129,21 @@ def _check_pixels(image: Image.Image, max_pixels: int) -> None:
         raise ApiError(
             413,
             "image_too_large",
-            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} (max_image_pixels): "
+            "send a smaller image",
         )
+
+
+def _bomb_error(exc: Image.DecompressionBombError, max_pixels: int) -> ApiError:
+    """Pillow's own bomb guard (twice `Image.MAX_IMAGE_PIXELS`) fired before our header check could: name the
+    configured limit, and the image's size from Pillow's message when it gives one."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    if found and int(found.group(1)) > max_pixels:
+        return ApiError(413, "image_too_large", f"image is {found.group(1)} pixels; the limit is {max_pixels} "
+                        "(max_image_pixels): send a smaller image")
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    return ApiError(413, "image_too_large", f"image rejected as a decompression bomb: it is over {limit} pixels, "
+                    f"the image library's own limit (max_image_pixels is {max_pixels}): send a smaller image")
 
 
 def _high_bit_depth_to_8bit(image: Image.Image) -> Image.Image:
@@ -135,22 +177,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int, check_size: SizeCheck | None = None) -> Image.Image:
     """Decode an uploaded image to RGB, applying its EXIF orientation.
 
     Raises ApiError 400 for empty, unrecognised or truncated data, 413 for images over `max_pixels`
-    (checked from the header, before any pixel is decoded, so decompression bombs never expand).
+    (checked from the header, before any pixel is decoded, so decompression bombs never expand), and whatever
+    `check_size` raises for the header's size (and again for the EXIF-rotated size): the server passes the bound on
+    the size the model's resize would produce (`resized_size_check`).
     """
     if not data:
         raise ApiError(400, "empty_image", "the image is empty (0 bytes)")
     try:
         image = Image.open(io.BytesIO(data))
         _check_pixels(image, max_pixels)  # from the header: nothing is decoded yet
+        if check_size is not None:
+            check_size(*image.size)
         image.load()  # animated images: the first frame
     except ApiError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ApiError(413, "image_too_large", f"image rejected as a decompression bomb: {exc}") from None
+        raise _bomb_error(exc, max_pixels) from None
     except UnidentifiedImageError:
         raise ApiError(400, "not_an_image", "the data is not an image in a format the server can read") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -163,4 +209,37 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     except Exception:  # noqa: BLE001 - a broken EXIF block must not reject an otherwise good image
         pass
     _check_pixels(image, max_pixels)
+    if check_size is not None:
+        check_size(*image.size)
     return to_rgb(image)
+
+
+def resized_size_check(transform: Any, max_resized_pixels: int, model_id: str) -> SizeCheck:
+    """A `SizeCheck` refusing images whose resize by the model's eval transform would exceed `max_resized_pixels`.
+
+    timm resizes the short side to a fixed length, so a very thin image (10000x1) becomes enormous (2,560,000x256)
+    although its decoded size is tiny: this bounds the resize's output, from the header, before anything is decoded
+    or resized. The size is traced with the same geometry as the explanation maps (`crop_geometry`, plain
+    arithmetic); the resize is the step that grows the image (crops and pads end at the small input size).
+    """
+
+    def check(width: int, height: int) -> None:
+        try:
+            geometry = crop_geometry(transform, (width, height))
+        except UnsupportedTransformError:
+            return  # a transform we cannot trace: max_image_pixels still bounds the decoded size
+        except (ZeroDivisionError, OverflowError, ValueError):
+            geometry = None
+        if geometry is not None:
+            resized = round(width * geometry.scale[0]) * round(height * geometry.scale[1])
+            if resized <= max_resized_pixels:
+                return
+        ratio = max(width, height) / max(1, min(width, height))
+        raise ApiError(
+            422, "extreme_aspect_ratio",
+            f"image is {width}x{height} (aspect ratio {ratio:.0f}:1): model {model_id!r} resizes its short side to "
+            f"the input size, which would make it larger than {max_resized_pixels} pixels (max_resized_pixels); "
+            "crop or pad the image to a less extreme aspect ratio",
+        )
+
+    return check

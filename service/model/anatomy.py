@@ -25,6 +25,10 @@ class ModelAnatomy:
     # logits = linear(optional LayerNorm(average of the final features)), verified at load time (CAM needs it)
     pooled_linear_head: PooledLinearHead | None = None
     head_note: str | None = None  # why pooled_linear_head is None
+    # Modules whose output is a spatial map (Grad-CAM's `target_layer` candidates), in the order they run: (B, C, h, w)
+    # feature maps (on a ViT, only the patch grid's h x w) and ViT token sequences holding the prefix tokens and the
+    # patch grid. None when the probe forward failed (every module is then accepted, as before).
+    spatial_modules: tuple[str, ...] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -76,6 +80,44 @@ def _last_feature_map_layer(model: nn.Module, input_size: tuple[int, int, int]) 
     return producer
 
 
+def _is_spatial(shape: tuple[int, ...], grid: tuple[int, int] | None, num_prefix_tokens: int) -> bool:
+    """Whether an output of this shape can be a Grad-CAM map (what `token_features_to_map` accepts)."""
+    if grid is None:  # CNN: any (B, C, h, w) feature map
+        return len(shape) == 4 and shape[2] >= 1 and shape[3] >= 1
+    rows, cols = grid
+    if len(shape) == 4:  # e.g. the patch embedding's convolution: only maps on the patch grid
+        return (shape[2], shape[3]) == (rows, cols)
+    return len(shape) == 3 and shape[1] - num_prefix_tokens == rows * cols
+
+
+def spatial_output_modules(
+    model: nn.Module, input_size: tuple[int, int, int], grid: tuple[int, int] | None, num_prefix_tokens: int
+) -> tuple[str, ...] | None:
+    """The modules whose output is a spatial map, found by one probe forward recording every module's output shape
+    (in the order the modules run). None if the probe fails: an unusual model must still load."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str):
+        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            try:
+                shapes.setdefault(name, tuple(first_tensor(output).shape))
+            except TypeError:  # an output that is not a tensor can be no map
+                pass
+        return hook
+
+    handles = [module.register_forward_hook(record(name)) for name, module in model.named_modules() if name]
+    try:
+        param = next(model.parameters())
+        with torch.inference_mode():
+            model(torch.zeros((1, *input_size), dtype=param.dtype, device=param.device))
+    except Exception:  # noqa: BLE001 - see the docstring
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tuple(name for name, shape in shapes.items() if _is_spatial(shape, grid, num_prefix_tokens))
+
+
 def analyse_model(model: nn.Module, family: str, input_size: tuple[int, int, int]) -> ModelAnatomy:
     """Find the attention modules, prefix tokens, patch grid and default Grad-CAM layer of a timm model."""
     names = frozenset(name for name, _ in model.named_modules() if name)
@@ -100,9 +142,11 @@ def analyse_model(model: nn.Module, family: str, input_size: tuple[int, int, int
             module_names=names,
             pooled_linear_head=head,
             head_note=head_note,
+            spatial_modules=spatial_output_modules(model, input_size, grid, num_prefix_tokens),  # type: ignore[arg-type]
         )
     return ModelAnatomy(
         family=family, attention_modules=attn, num_prefix_tokens=0, has_class_token=False, grid_size=None,
         feature_layer=_last_feature_map_layer(model, input_size), module_names=names,
         pooled_linear_head=head, head_note=head_note,
+        spatial_modules=spatial_output_modules(model, input_size, None, 0),
     )

@@ -4,12 +4,20 @@ The consumer takes the first waiting request, waits for a free lane of the devic
 it), then adds whatever else is waiting, up to `max_batch_size` (divided by the device's lane count, rounded up)
 or until `max_wait_ms` after the first request, and starts the batch without waiting for it to finish: with two
 CPU lanes the next batch forms and runs while the previous one is still computing.
+
+Abandoned work: an item whose requester has gone (its timeout passed, or its client disconnected and the waiting
+coroutine was cancelled) is marked abandoned from the event loop. An abandoned item is not started: it is dropped
+from its batch if the batch has not started yet. A batch already running reads the marks from its lane thread
+through `current_batch()`: long work calls `RunningBatch.checkpoint()` between chunks, which raises
+`BatchCancelledError` once every item of the batch is abandoned, and (on device lanes) lets another model's batch
+waiting for a lane run first. A cancelled batch answers nobody and is not retried item by item.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -21,17 +29,73 @@ P = TypeVar("P")
 R = TypeVar("R")
 
 # Processes the payloads of one batch and returns one result per payload, in order. A result that is an
-# exception instance fails only its own item. Raising fails the batch, which is then retried item by item.
+# exception instance fails only its own item. Raising fails the batch, which is then retried item by item (the items
+# still wanted only; BatchCancelledError is never retried). It may read `current_batch()` to stop abandoned work.
 BatchProcessor = Callable[[Sequence[P]], Sequence[Any]]
 
 
+class BatchCancelledError(Exception):
+    """Every item of the running batch (or of the part of it being computed) has been abandoned."""
+
+
+class RunningBatch:
+    """Which items of the batch running on the calling lane thread someone still waits for.
+
+    The abandoned marks are `threading.Event`s set on the event loop and read here, on the lane thread. `yield_lane`
+    (given by device lanes) lets another queue's waiting batch run on this lane before the work goes on.
+    """
+
+    def __init__(self, abandoned: Sequence[threading.Event],
+                 yield_lane: Callable[[], None] | None = None) -> None:
+        self._abandoned = list(abandoned)
+        self._yield_lane = yield_lane
+
+    def __len__(self) -> int:
+        return len(self._abandoned)
+
+    def wanted(self, index: int) -> bool:
+        """Whether someone still waits for item `index` of this batch."""
+        return not self._abandoned[index].is_set()
+
+    def any_wanted(self, indices: Sequence[int] | None = None) -> bool:
+        """Whether someone still waits for at least one of `indices` (default: every item)."""
+        return any(self.wanted(i) for i in (range(len(self)) if indices is None else indices))
+
+    def subset(self, indices: Sequence[int]) -> RunningBatch:
+        """The same batch seen as the listed items only (for a handler given part of the batch)."""
+        return RunningBatch([self._abandoned[i] for i in indices], self._yield_lane)
+
+    def checkpoint(self) -> None:
+        """A chunk boundary of long work: raise BatchCancelledError when every item is abandoned, else let another
+        queue's batch that waits for this lane run now (its own model copy; see DeviceLanes.yield_lane)."""
+        if not self.any_wanted():
+            raise BatchCancelledError(f"all {len(self)} items of the batch were abandoned")
+        if self._yield_lane is not None:
+            self._yield_lane()
+
+
+_running = threading.local()
+
+
+def current_batch(size: int | None = None) -> RunningBatch:
+    """The batch the calling lane thread is running; outside a batch queue (direct calls, tests), a batch of `size`
+    items that are all wanted and never yield."""
+    batch = getattr(_running, "batch", None)
+    if batch is None or (size is not None and len(batch) != size):
+        return RunningBatch([threading.Event() for _ in range(size or 0)])
+    return batch
+
+
 class Lanes(Protocol):
-    """Worker threads that run one batch each at a time (`service.runtime.devices.DeviceLanes`)."""
+    """Worker threads that run one batch each at a time (`service.runtime.devices.DeviceLanes`).
+
+    `acquire(owner)` names the queue asking; lanes that can lend themselves mid-batch (`yield_lane`) lend only to
+    another owner, whose batch runs its own model copy."""
 
     @property
     def count(self) -> int: ...
 
-    async def acquire(self) -> int: ...
+    async def acquire(self, owner: str | None = None) -> int: ...
 
     def release(self, index: int) -> None: ...
 
@@ -53,7 +117,7 @@ class SingleLane:
         self._executor = executor
         self._free: asyncio.Lock | None = None
 
-    async def acquire(self) -> int:
+    async def acquire(self, owner: str | None = None) -> int:
         if self._free is None:
             self._free = asyncio.Lock()
         await self._free.acquire()
@@ -94,6 +158,13 @@ class _Pending:
     payload: Any
     future: asyncio.Future
     enqueued_at: float
+    abandoned: threading.Event
+
+    def abandon(self) -> None:
+        """Nobody waits for this item any more: never start it, and let a running batch stop early."""
+        self.abandoned.set()
+        if not self.future.done():
+            self.future.cancel()
 
 
 @dataclass(frozen=True)
@@ -152,20 +223,21 @@ class BatchQueue(Generic[P, R]):
         loop = asyncio.get_running_loop()
         if self.depth >= self.queue_size:
             raise QueueFullError(f"model {self.name!r} has {self.queue_size} requests waiting already")
-        pending = _Pending(payload, loop.create_future(), time.perf_counter())
+        pending = _Pending(payload, loop.create_future(), time.perf_counter(), threading.Event())
         self._queue.put_nowait(pending)
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
             async with asyncio.timeout(timeout):
                 return await pending.future
         except TimeoutError:
-            pending.future.cancel()
+            pending.abandon()
             raise RequestTimeoutError(
                 f"model {self.name!r} did not answer within {timeout:g}s"
             ) from None
         finally:
-            if not pending.future.done():  # the client went away: nobody wants this result any more
-                pending.future.cancel()
+            # The caller was cancelled (its client went away): cancelling the task has cancelled the future too.
+            if not pending.future.done() or pending.future.cancelled():
+                pending.abandon()
 
     async def close(self) -> None:
         """Stop accepting work, answer everything already accepted, then stop the consumer."""
@@ -204,7 +276,7 @@ class BatchQueue(Generic[P, R]):
             first = await self._queue.get()
             self._held = 1
             try:
-                lane = await self._lanes.acquire()
+                lane = await self._lanes.acquire(self.name)
             finally:
                 self._held = 0
             try:
@@ -223,8 +295,11 @@ class BatchQueue(Generic[P, R]):
             live = [p for p in batch if not p.future.done()]
             if live:
                 started = time.perf_counter()
+                yield_lane = getattr(self._lanes, "yield_lane", None)
+                running = RunningBatch([p.abandoned for p in live],
+                                       None if yield_lane is None else lambda: yield_lane(lane, self.name))
                 outcomes = await loop.run_in_executor(self._lanes.executor(lane), self._run_batch,
-                                                      [p.payload for p in live])
+                                                      [p.payload for p in live], running)
                 compute_s = time.perf_counter() - started
                 self._deliver(live, outcomes, started, compute_s)
         except Exception:  # noqa: BLE001 - a batch must always answer its items
@@ -237,22 +312,37 @@ class BatchQueue(Generic[P, R]):
             for _ in batch:
                 self._queue.task_done()
 
-    def _run_batch(self, payloads: list[Any]) -> list[Any]:
-        """Runs on a lane's thread. A failed batch is retried item by item."""
+    def _call(self, payloads: list[Any], running: RunningBatch) -> list[Any]:
+        """The processor on `payloads`, with `running` as the thread's current batch."""
+        outer = getattr(_running, "batch", None)  # a batch this one was lent the lane by (DeviceLanes.yield_lane)
+        _running.batch = running
         try:
             outcomes = list(self._process(payloads))
-            if len(outcomes) != len(payloads):
-                raise RuntimeError(f"processor returned {len(outcomes)} results for {len(payloads)} items")
-            return outcomes
+        finally:
+            _running.batch = outer
+        if len(outcomes) != len(payloads):
+            raise RuntimeError(f"processor returned {len(outcomes)} results for {len(payloads)} items")
+        return outcomes
+
+    def _run_batch(self, payloads: list[Any], running: RunningBatch) -> list[Any]:
+        """Runs on a lane's thread. A failed batch is retried item by item, skipping the abandoned items; a cancelled
+        batch (every item abandoned) is not retried: each item gets the cancellation, which nobody receives."""
+        try:
+            return self._call(payloads, running)
+        except BatchCancelledError as cancelled:
+            return [cancelled] * len(payloads)
         except Exception as batch_error:  # noqa: BLE001
             if len(payloads) == 1:
                 return [batch_error]
             log.warning("batch of %d on %r failed (%s); retrying item by item", len(payloads), self.name,
                         batch_error)
             results: list[Any] = []
-            for payload in payloads:
+            for i, payload in enumerate(payloads):
+                if not running.wanted(i):
+                    results.append(BatchCancelledError("abandoned before its retry"))
+                    continue
                 try:
-                    results.extend(self._process([payload]))
+                    results.extend(self._call([payload], running.subset([i])))
                 except Exception as item_error:  # noqa: BLE001
                     results.append(item_error)
             return results
@@ -260,10 +350,10 @@ class BatchQueue(Generic[P, R]):
     def _deliver(self, live: list[_Pending], outcomes: list[Any], started: float, compute_s: float) -> None:
         failed = 0
         for pending, outcome in zip(live, outcomes):
+            if pending.future.done():  # abandoned: neither answered nor counted as failed
+                continue
             if isinstance(outcome, BaseException):
                 failed += 1
-            if pending.future.done():
-                continue
             if isinstance(outcome, BaseException):
                 pending.future.set_exception(outcome)
             else:

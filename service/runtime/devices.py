@@ -5,13 +5,25 @@ there are 2+ cores): two batches run at once, each lane with its own copy of eve
 resolves to the calling lane's copy), and torch's intra-op threads are split between the busy lanes. Why: several
 single-threaded passes at once use a small machine's cores better than one multi-threaded pass, whose OpenMP
 barriers wait on cores that other work (decoding, HTTP) keeps interrupting (figures in the README's benchmark section).
+
+Fairness: a long batch (an explanation running the model hundreds of times) would hold its lane for its whole
+duration, and on a GPU (one lane) starve every other model's predictions. So a running batch lends its lane at each
+chunk boundary of its work (`RunningBatch.checkpoint` -> `yield_lane`): when another model's queue waits for a lane
+of the device, that queue gets this lane, and its batch runs right there, on the lending lane's thread, before the
+long batch goes on. The borrowed batch uses its own model's copy for this lane, so the lender's hooks and attention
+switches (on its own copy) are never seen by it. A lane is never lent to the lender's own queue (same copy), and a
+borrowed lane is not lent again (at most one batch is suspended under another). This was chosen over reserving
+a lane for short work (impossible with a GPU's single lane) or a separate prediction thread (a batch mixes
+predictions and explanations, and another thread would need another copy and threads on every device).
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
@@ -59,8 +71,21 @@ class _LaneExecutor(ThreadPoolExecutor):
         return super().submit(self._lanes._run, fn, args, kwargs)
 
 
+class _Handoff(Executor):
+    """The executor of a lent lane: calls go to the lending lane's thread, which runs them between two chunks."""
+
+    def __init__(self, calls: queue.SimpleQueue) -> None:
+        self._calls = calls
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        self._calls.put((future, fn, args, kwargs))
+        return future
+
+
 class DeviceLanes:
-    """The lanes of one device: hands out free lanes to batch queues and splits the threads between them."""
+    """The lanes of one device: hands out free lanes to batch queues, lends a busy lane to another queue at a chunk
+    boundary of a long batch (`yield_lane`), and splits the threads between the lanes."""
 
     def __init__(self, device: torch.device, count: int, threads: int = COMPUTE_THREADS) -> None:
         self.device = device
@@ -68,30 +93,89 @@ class DeviceLanes:
         self._lock = threading.Lock()
         self._busy = 0
         self.executors = [_LaneExecutor(self, index) for index in range(count)]
-        self._free: asyncio.LifoQueue[int] | None = None
+        self._free = list(reversed(range(count)))  # a stack: the lane freed last is on top
+        # Only the event loop changes these; lane threads read `_waiting` (a tuple, replaced whole) and `_lent`.
+        self._waiters: deque[tuple[str | None, asyncio.Future[int]]] = deque()
+        self._waiting: tuple[str | None, ...] = ()  # the owners of the waiters, for the lane threads
+        self._lent: dict[int, queue.SimpleQueue] = {}  # lane -> its lender's queue of calls, while lent
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def count(self) -> int:
         return len(self.executors)
 
-    async def acquire(self) -> int:
+    async def acquire(self, owner: str | None = None) -> int:
         """Wait for a lane no batch queue is using; give it back with `release`.
 
         The lane freed last is handed out first, so under light load one lane (its thread and caches warm) does
-        all the work; waiting callers are served in arrival order.
+        all the work; waiting callers are served in arrival order. `owner` (the queue's name) decides which
+        waiters a busy lane may be lent to (`yield_lane`).
         """
-        if self._free is None:
-            self._free = asyncio.LifoQueue()
-            for index in reversed(range(self.count)):
-                self._free.put_nowait(index)
-        return await self._free.get()
+        self._loop = loop = asyncio.get_running_loop()
+        if self._free and not self._waiters:
+            return self._free.pop()
+        future: asyncio.Future[int] = loop.create_future()
+        entry = (owner, future)
+        self._waiters.append(entry)
+        self._waiting = tuple(o for o, _ in self._waiters)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+                self._waiting = tuple(o for o, _ in self._waiters)
+            elif future.done() and not future.cancelled():  # handed a lane just as the caller was cancelled
+                self.release(future.result())
+            raise
 
     def release(self, index: int) -> None:
-        assert self._free is not None
-        self._free.put_nowait(index)
+        lender = self._lent.pop(index, None)
+        if lender is not None:  # a borrowed lane: its lender goes on
+            lender.put(None)
+            return
+        while self._waiters:
+            _, future = self._waiters.popleft()
+            self._waiting = tuple(o for o, _ in self._waiters)
+            if not future.done():
+                future.set_result(index)
+                return
+        self._free.append(index)
 
-    def executor(self, index: int) -> ThreadPoolExecutor:
-        return self.executors[index]
+    def executor(self, index: int) -> Executor:
+        """Where the holder of lane `index` runs its batch: the lane's thread, or its lender while lent."""
+        lender = self._lent.get(index)
+        return self.executors[index] if lender is None else _Handoff(lender)
+
+    def yield_lane(self, index: int, owner: str | None) -> None:
+        """Called on lane `index`'s thread between two chunks of `owner`'s batch: if another owner's queue waits for
+        a lane, lend it this one and run its batch here, then return. A lent lane is not lent again."""
+        loop = self._loop
+        if loop is None or index in self._lent or all(waiting == owner for waiting in self._waiting):
+            return
+        calls: queue.SimpleQueue = queue.SimpleQueue()
+        loop.call_soon_threadsafe(self._lend, index, owner, calls)
+        while (call := calls.get()) is not None:
+            future, fn, args, kwargs = call
+            if future.set_running_or_notify_cancel():
+                try:
+                    # A lane thread's own autograd modes, whatever mode the lender paused in.
+                    with torch.inference_mode(False), torch.enable_grad():
+                        future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:  # noqa: BLE001 - delivered to the borrower
+                    future.set_exception(exc)
+
+    def _lend(self, index: int, owner: str | None, calls: queue.SimpleQueue) -> None:
+        """On the event loop: hand lane `index` to the first waiter of another owner; the lender's thread runs the
+        borrower's calls until the borrower releases the lane (or at once goes on when nobody may borrow it)."""
+        for entry in self._waiters:
+            waiter, future = entry
+            if waiter != owner and not future.done():
+                self._waiters.remove(entry)
+                self._waiting = tuple(o for o, _ in self._waiters)
+                self._lent[index] = calls
+                future.set_result(index)
+                return
+        calls.put(None)
 
     def _enter(self, index: int) -> None:
         use_copy(index)
@@ -128,7 +212,7 @@ class DeviceWorkers:
 
     def for_device(self, device: torch.device) -> ThreadPoolExecutor:
         """The device's first lane: warm-up, shape probes and visualization steps run there."""
-        return self.lanes(device).executor(0)
+        return self.lanes(device).executors[0]  # the thread itself, never a lent lane's handoff
 
     def shutdown(self) -> None:
         for lanes in self._lanes.values():

@@ -37,6 +37,29 @@ class DeviceExecutors(Protocol):
     def for_device(self, device: torch.device) -> Executor: ...
 
 
+STEP_COST = 3.0  # forward passes' worth of one optimisation step (a forward and a backward pass) at the input size
+
+
+class JobBudgetError(ValueError):
+    """A job would cost more than the model's max_job_cost; the message names the estimate, the limit and why."""
+
+
+def job_cost(request: VisualizationRequest, input_size: tuple[int, int]) -> tuple[float, str]:
+    """A job's cost in forward passes of the model and how it was reached: STEP_COST per step, scaled by the area
+    of the optimised image relative to the model's (height, width) input size."""
+    height, width = request.size if request.size is not None else input_size
+    area = height * width / (input_size[0] * input_size[1])
+    basis = f"{STEP_COST:g} x steps={request.steps} x size {height}x{width} / input {input_size[0]}x{input_size[1]}"
+    return STEP_COST * request.steps * area, basis
+
+
+def check_job_cost(request: VisualizationRequest, input_size: tuple[int, int], limit: float) -> None:
+    cost, basis = job_cost(request, input_size)
+    if cost > limit:
+        raise JobBudgetError(f"estimated cost {cost:.4g} forward passes ({basis}) exceeds this model's max_job_cost "
+                             f"{limit:g}; lower steps or size")
+
+
 class JobLimitError(RuntimeError):
     """`max_jobs` jobs are queued or running already."""
 

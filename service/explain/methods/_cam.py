@@ -49,9 +49,25 @@ def activations_and_gradients(
             token_features_to_map(captures.layer_grads[name], anatomy))
 
 
+def _some_spatial_layers(anatomy: ModelAnatomy, count: int = 5) -> str:
+    """A few allowed target layers for an error message: the default first, then the deepest others."""
+    spatial = anatomy.spatial_modules or ()
+    names = [anatomy.feature_layer] + [n for n in reversed(spatial) if n != anatomy.feature_layer][: count - 1]
+    return ", ".join(repr(n) for n in names)
+
+
 def check_target_layer(params: GradCamParams, anatomy: ModelAnatomy) -> None:
-    if params.target_layer is not None and params.target_layer not in anatomy.module_names:
-        raise ValueError(f"params.target_layer: the model has no module named {params.target_layer!r}")
+    """At request time: the layer exists and its output is a spatial map (found at load time), so a head or a
+    pooling layer is a 422 naming allowed layers, never a failed batch."""
+    layer = params.target_layer
+    if layer is None:
+        return
+    if layer not in anatomy.module_names:
+        raise ValueError(f"params.target_layer: the model has no module named {layer!r}; for example "
+                         f"{_some_spatial_layers(anatomy)}")
+    if anatomy.spatial_modules is not None and layer not in anatomy.spatial_modules:
+        raise ValueError(f"params.target_layer: module {layer!r} has no spatial output (a (C, h, w) feature map or "
+                         f"the patch-token sequence); use one that has, for example {_some_spatial_layers(anatomy)}")
 
 
 def register_gradient_cam(*, name: str, description: str, relative_cost: float) -> Callable[[ComputeFn], ComputeFn]:

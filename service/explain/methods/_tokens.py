@@ -95,3 +95,9 @@ def aggregated_layers(layer: int, aggregate: str, anatomy: ModelAnatomy) -> list
     `layer`); negative `layer` counts from the last block."""
     top = layer % anatomy.num_layers
     return [top] if aggregate == "last" else list(range(top + 1))
+
+
+def token_count(anatomy: ModelAnatomy) -> int:
+    """Tokens per block of a ViT (prefix tokens plus the patch grid): what token-wise methods' cost grows with."""
+    rows, cols = anatomy.grid_size or (0, 0)
+    return max(1, anatomy.num_prefix_tokens + rows * cols)

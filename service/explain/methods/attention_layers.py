@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.explain.captures import CaptureBatch, CaptureNeeds
 from service.model.anatomy import ModelAnatomy
-from service.explain.registry import MethodOutput, register_method
+from service.explain.registry import CostContext, CostEstimate, MethodCost, MethodOutput, register_method
 from service.explain.methods._rollout import add_residual_and_normalise, class_token_row
 from service.explain.methods._tokens import (
     HeadFusion,
@@ -51,6 +51,11 @@ def _check(params: AttentionLayersParams, anatomy: ModelAnatomy) -> None:
         check_layer_index(layer, anatomy, f"layers[{position}]")
 
 
+def _cost(params: AttentionLayersParams, ctx: CostContext) -> CostEstimate:
+    layers = len(chosen_layers(params, ctx.anatomy))
+    return CostEstimate(1.15, "1.15", maps=1 + layers)  # the main map and one per chosen layer
+
+
 @register_method(
     name="attention_layers",
     description="Layer-wise attention: the class token's attention to each patch in every chosen block (heads "
@@ -60,6 +65,7 @@ def _check(params: AttentionLayersParams, anatomy: ModelAnatomy) -> None:
     params_model=AttentionLayersParams,
     needs=lambda params, anatomy: CaptureNeeds(attention=True),
     relative_cost=1.15,
+    cost=MethodCost(_cost, "1.15 (returns 1 + one map per chosen layer)"),
     check=_check,
 )
 def attention_layers(captures: CaptureBatch, params: AttentionLayersParams, anatomy: ModelAnatomy) -> MethodOutput:

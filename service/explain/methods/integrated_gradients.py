@@ -21,7 +21,7 @@ from service.explain.methods._input import (
     reduce_attribution,
     seeded_generator,
 )
-from service.explain.registry import MethodOutput, register_method
+from service.explain.registry import CostContext, CostEstimate, MethodCost, MethodOutput, register_method
 
 MAX_STEPS = 512
 Integration = Literal["riemann_trapezoid", "gausslegendre"]
@@ -49,6 +49,16 @@ class IntegratedGradientsParams(BaseModel):
     )
     seed: int = Field(default=0, ge=0, le=2**63 - 1, description="Seed of the `noise` baseline.")
     reduce: AttributionReduce = Field(default="sum", description=ATTRIBUTION_REDUCE_DESCRIPTION)
+
+
+STEP_COST = 2.5  # forward passes' worth of one step (forward and backward, chunked)
+
+
+def _cost(params: IntegratedGradientsParams, ctx: CostContext) -> CostEstimate:
+    baseline = 1 if params.integration == "gausslegendre" else 0  # the baseline's own forward pass
+    per_target = STEP_COST * params.steps + baseline
+    return CostEstimate(per_target * ctx.targets,
+                        f"({STEP_COST:g} x steps={params.steps} + {baseline}) x {ctx.targets} target(s)")
 
 
 def path_points(steps: int, integration: Integration) -> tuple[list[float], list[float]]:
@@ -111,6 +121,7 @@ def make_baselines(pixels: torch.Tensor, params: IntegratedGradientsParams, runn
     params_model=IntegratedGradientsParams,
     needs=lambda params, anatomy: CaptureNeeds(),
     relative_cost=80.0,
+    cost=MethodCost(_cost, f"({STEP_COST:g} x steps + 1 for gausslegendre) x targets"),
     cost_note="About 2.5 forward passes' worth (forward and backward) per step and target (80 at the default 32 "
     "steps), plus one forward pass of the baseline for gausslegendre; steps of all images run through the model "
     "together in chunks of the model's explain_chunk_size.",

@@ -16,7 +16,7 @@ from torch import nn
 
 from service.explain.captures import CaptureBatch, CaptureNeeds
 from service.model.anatomy import ModelAnatomy
-from service.explain.registry import MethodOutput, register_method
+from service.explain.registry import CostContext, CostEstimate, MethodCost, MethodOutput, register_method
 from service.explain.methods._rollout import add_residual_and_normalise, class_token_row, normalise_rows
 from service.explain.methods._tokens import (
     aggregated_layers,
@@ -58,6 +58,14 @@ def _needs(params: NormAttentionParams, anatomy: ModelAnatomy) -> CaptureNeeds:
     return CaptureNeeds(attention=True, layers=frozenset(f"{names[i]}.qkv" for i in layers))
 
 
+ROLLOUT_COST = 1.8
+
+
+def _cost(params: NormAttentionParams, ctx: CostContext) -> CostEstimate:
+    units = 1.2 if params.aggregate == "last" else ROLLOUT_COST
+    return CostEstimate(units, f"{units:g} (aggregate={params.aggregate})")
+
+
 def contribution_norms(attention: torch.Tensor, qkv: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """(B, N, N) norms ||sum_h alpha^h_ij f^h(x_j)|| of one block, from its attention probabilities
     (B, H, N, N), its qkv projection's output (B, N, 3 * H * head_dim) and the attention module."""
@@ -83,6 +91,7 @@ def contribution_norms(attention: torch.Tensor, qkv: torch.Tensor, module: nn.Mo
     params_model=NormAttentionParams,
     needs=_needs,
     relative_cost=1.2,
+    cost=MethodCost(_cost, f"1.2 with aggregate=last, {ROLLOUT_COST:g} with rollout"),
     cost_note="About 1.2 forward passes with aggregate=last, 1.5-1.8 with rollout (deit-tiny, CPU).",
     check=_check,
 )

@@ -18,7 +18,7 @@ from service.explain.methods._input import (
     reduce_magnitude,
     seeded_generator,
 )
-from service.explain.registry import MethodOutput, register_method
+from service.explain.registry import CostContext, CostEstimate, MethodCost, MethodOutput, register_method
 
 MAX_SAMPLES = 256
 
@@ -45,6 +45,14 @@ class SmoothGradParams(BaseModel):
     )
 
 
+SAMPLE_COST = 2.6  # forward passes' worth of one noisy sample (forward and backward, chunked)
+
+
+def _cost(params: SmoothGradParams, ctx: CostContext) -> CostEstimate:
+    return CostEstimate(SAMPLE_COST * params.samples * ctx.targets,
+                        f"{SAMPLE_COST:g} x samples={params.samples} x {ctx.targets} target(s)")
+
+
 @register_method(
     name="smoothgrad",
     description="SmoothGrad: input gradients of the target logit averaged over `samples` copies of the image with "
@@ -55,6 +63,7 @@ class SmoothGradParams(BaseModel):
     params_model=SmoothGradParams,
     needs=lambda params, anatomy: CaptureNeeds(),
     relative_cost=65.0,
+    cost=MethodCost(_cost, f"{SAMPLE_COST:g} x samples x targets"),
     cost_note="About 2.6 forward passes' worth (forward and backward) per noise sample and target (65 at the default "
     "25 samples); samples of all images run through the model together in chunks of the model's explain_chunk_size.",
 )

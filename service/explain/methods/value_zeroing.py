@@ -12,7 +12,7 @@ include the residual stream).
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,10 +20,11 @@ from torch import nn
 
 from service.explain.captures import CaptureBatch, CaptureNeeds
 from service.model.anatomy import ModelAnatomy
-from service.explain.registry import MethodOutput, register_method
+from service.explain.registry import CostContext, CostEstimate, MethodCost, MethodOutput, register_method
 from service.explain.methods._rollout import class_token_row, normalise_rows
 from service.explain.methods._tokens import (
     aggregated_layers,
+    token_count,
     check_class_token_attention,
     check_layer_index,
     patch_tokens_to_grid,
@@ -65,6 +66,15 @@ def _needs(params: ValueZeroingParams, anatomy: ModelAnatomy) -> CaptureNeeds:
     return CaptureNeeds(layer_inputs=frozenset(block_name(names[i]) for i in layers))
 
 
+def _cost(params: ValueZeroingParams, ctx: CostContext) -> CostEstimate:
+    """Each aggregated block runs once per token on altered copies: a block is 1/depth of a forward pass."""
+    anatomy = ctx.anatomy
+    blocks = len(aggregated_layers(params.layer, params.aggregate, anatomy))
+    tokens, depth = token_count(anatomy), max(1, anatomy.num_layers)
+    return CostEstimate(blocks * tokens / depth + 1,
+                        f"{blocks} block(s) (aggregate={params.aggregate}) x {tokens} tokens / {depth} blocks + 1")
+
+
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """1 - cos(a, b) over the last dimension as ||a/|a| - b/|b|||^2 / 2: the same value, without the cancellation
     of 1 - cos for the nearly parallel vectors a block's residual stream produces."""
@@ -73,9 +83,11 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 0.5 * (unit_a - unit_b).square().sum(dim=-1)
 
 
-def value_zeroing_matrix(block: nn.Module, qkv: nn.Module, inputs: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def value_zeroing_matrix(block: nn.Module, qkv: nn.Module, inputs: torch.Tensor, chunk_size: int,
+                         checkpoint: Callable[[], None] = lambda: None) -> torch.Tensor:
     """(B, N, N) cosine distances [b, i, j] between token i's block output and the output with token j's values
-    zeroed, for block inputs (B, N, C); the B * N altered copies run `chunk_size` at a time."""
+    zeroed, for block inputs (B, N, C); the B * N altered copies run `chunk_size` at a time, `checkpoint` (the
+    runner's: stops abandoned work) before each chunk."""
     batch, n, _ = inputs.shape
     zeroed: list[torch.Tensor] = []  # token whose values the current copies zero, one per copy
     altered_calls = []
@@ -97,6 +109,7 @@ def value_zeroing_matrix(block: nn.Module, qkv: nn.Module, inputs: torch.Tensor,
             original = block(inputs)
             distances = []
             for images, tokens in zip(copies_image.split(chunk_size), copies_token.split(chunk_size)):
+                checkpoint()
                 zeroed[:] = [tokens]
                 altered = block(inputs.index_select(0, images))
                 zeroed.clear()
@@ -119,6 +132,7 @@ def value_zeroing_matrix(block: nn.Module, qkv: nn.Module, inputs: torch.Tensor,
     params_model=ValueZeroingParams,
     needs=_needs,
     relative_cost=20.0,
+    cost=MethodCost(_cost, "blocks recomputed (1 with aggregate=last, layer + 1 with rollout) x tokens / depth + 1"),
     cost_note="Expensive: every aggregated block is recomputed once per token (N altered copies per image, run "
     "in chunks of the model's explain_chunk_size). With the default aggregate=last one block: about N / depth + 1 "
     "forward passes (~20 for deit-tiny at 224, 197 tokens); with aggregate=rollout every block up to `layer`: about "
@@ -137,7 +151,7 @@ def value_zeroing(captures: CaptureBatch, params: ValueZeroingParams, anatomy: M
             block = copy.deepcopy(block).float()
         qkv = dict(block.named_modules())[f"{attention.rsplit('.', 1)[1]}.qkv"]
         inputs = captures.layer_inputs[block_name(attention)].to(device=runner.device, dtype=torch.float32)
-        distances = value_zeroing_matrix(block, qkv, inputs, runner.chunk_size or DEFAULT_CHUNK)
+        distances = value_zeroing_matrix(block, qkv, inputs, runner.chunk_size or DEFAULT_CHUNK, runner.checkpoint)
         matrices.append(normalise_rows(distances))
     class_row = class_token_row(matrices)[:, anatomy.num_prefix_tokens:]
     return MethodOutput(maps=patch_tokens_to_grid(class_row, anatomy))

@@ -24,7 +24,7 @@ from service.explain.captures import CaptureBatch, CaptureNeeds
 from service.model.anatomy import ModelAnatomy
 from service.explain.methods._input import chunk_segments, normal_noise, seeded_generator
 from service.explain.methods._cam import GradCamParams, check_target_layer, target_layer
-from service.explain.registry import MethodOutput, register_method
+from service.explain.registry import CostContext, CostEstimate, MethodCost, MethodOutput, register_method
 from service.explain.methods._tokens import token_features_to_map
 
 
@@ -93,6 +93,19 @@ def _varies(grids: torch.Tensor) -> torch.Tensor:
     return flat.amax(dim=1) > flat.amin(dim=1)
 
 
+MASK_COST = 2.7  # forward passes' worth per mask and target with noise_correction (two inputs per mask), half without
+
+
+def _cost(params: VitCxParams, ctx: CostContext) -> CostEstimate:
+    """How many masks survive the merging is known only once the features are; before that the bound is one mask
+    per channel of the target layer (a threshold of 0 merges only identical masks)."""
+    layer = target_layer(params, ctx.anatomy)
+    masks = ctx.layer_channels(layer)
+    per_mask = MASK_COST if params.noise_correction else MASK_COST / 2
+    return CostEstimate(per_mask * masks * ctx.targets,
+                        f"{per_mask:g} x up to {masks} masks (the channels of {layer}) x {ctx.targets} target(s)")
+
+
 @register_method(
     name="vit_cx",
     description="ViT-CX: each channel of a layer's features, upsampled and normalised, is a mask; near-duplicate "
@@ -105,6 +118,8 @@ def _varies(grids: torch.Tensor) -> torch.Tensor:
     params_model=VitCxParams,
     needs=lambda params, anatomy: CaptureNeeds(layers=frozenset({target_layer(params, anatomy)})),
     relative_cost=100.0,
+    cost=MethodCost(_cost, f"{MASK_COST:g} ({MASK_COST / 2:g} without noise_correction) x masks x targets, masks "
+                           "bounded by the target layer's channel count"),
     cost_note="About 2.7 forward passes' worth per merged mask and target (half that without noise_correction), so "
     "it depends on how many masks survive the merging: at most the layer's channel count (192 for ViT-Ti, 768 for "
     "ViT-B), fewer as distance_threshold grows (random-weight DeiT-Ti at 224: about 9 masks, 23 forward passes' "

@@ -11,10 +11,12 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=HealthResponse, summary="The process is alive")
+@router.head("/healthz", include_in_schema=False)  # probes and load balancers often check with HEAD
 async def healthz() -> HealthResponse:
     return HealthResponse()
 
 
+@router.head("/readyz", include_in_schema=False)
 @router.get(
     "/readyz",
     response_model=ReadinessResponse,

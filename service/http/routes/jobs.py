@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Path, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
 
 from api_schemas import ErrorResponse, JobListResponse, JobStatus, VisualizationRequest
 from service.http.dependencies import get_ready_model, get_state
 from service.http.errors import ApiError, error_responses, invalid_request, shutting_down
+from service.http.openapi import json_request_body
+from service.http.uploads import read_json_request
 from service.model.served import ServedModel
 from service.http.state import ServiceState
-from service.visualization.jobs import JobLimitError, JobsClosedError, VisualizationJob
+from service.visualization.jobs import (
+    JobBudgetError,
+    JobLimitError,
+    JobsClosedError,
+    VisualizationJob,
+    check_job_cost,
+)
 from service.visualization.objective import ObjectiveError
 
 router = APIRouter(tags=["visualization"])
@@ -51,16 +59,23 @@ def _job_or_404(state: ServiceState, job_id: str) -> VisualizationJob:
     "model first (unknown module, channel/token/class out of range: 422). Jobs run one step at a time on the "
     "model's device, between prediction batches.",
     responses={
-        **error_responses(404, 422, 500, 503),
+        **error_responses(400, 404, 413, 415, 422, 500, 503),
         429: {"model": ErrorResponse, "description": "`max_jobs` jobs are queued or running already."},
     },
+    # The body is read and validated by read_json_request: malformed JSON is 400 invalid_json, as on every route.
+    openapi_extra=json_request_body(VisualizationRequest),
 )
 async def start_visualization(
-    body: VisualizationRequest,
+    request: Request,
     response: Response,
     served: ServedModel = Depends(get_ready_model),
     state: ServiceState = Depends(get_state),
 ) -> JobStatus:
+    body = await read_json_request(request, VisualizationRequest)
+    try:
+        check_job_cost(body, (served.input_size[1], served.input_size[2]), state.settings.job_cost_limit(served.config))
+    except JobBudgetError as exc:
+        raise ApiError(422, "over_budget", str(exc)) from None
     try:
         state.jobs.check_capacity()  # before the probe: no work for a request that will be refused
         objective, params = await state.jobs.prepare(served, body)

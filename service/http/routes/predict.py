@@ -36,7 +36,7 @@ async def predict(
     received_at = time.perf_counter()
     body = await read_image_request(request, PredictOptions, PredictJsonRequest, state.settings.max_body_bytes)
     _, pixels = await state.decode_and_preprocess(served, body.image)
-    result = await submit_or_raise(state.queues[served.id], PredictJob(pixels))
+    result = await submit_or_raise(state.queues[served.id], PredictJob(pixels), request)
     response = predict_response(served, result, body.options.top_k, received_at)
     state.observe_latency(served.id, "predict", received_at)
     return response
