@@ -84,12 +84,30 @@ class OutputOptions(BaseModel):
     )
 
 
+METHOD_FORMS = 'expected a method name (a string) or {"name": ..., "params": {...}}'
+
+
+def _method_form(value: Any) -> str | None:
+    """Which form of a `methods` entry a value is, by its JSON type alone (one clear message for anything else)."""
+    if isinstance(value, str):
+        return "name"
+    if isinstance(value, (dict, MethodSpec)):
+        return "spec"
+    return None
+
+
+MethodEntry = Annotated[
+    Union[Annotated[str, Tag("name")], Annotated[MethodSpec, Tag("spec")]],
+    Discriminator(_method_form, custom_error_type="invalid_method", custom_error_message=METHOD_FORMS),
+]
+
+
 class ExplainOptions(BaseModel):
     """Explanation options; in a multipart upload they are form fields beside `file` (lists and objects as JSON)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    methods: list[Union[str, MethodSpec]] = Field(
+    methods: list[MethodEntry] = Field(
         min_length=1, max_length=16, description="Method names or {name, params} objects.",
         examples=[["rollout", {"name": "gradcam", "params": {}}]],
     )
