@@ -108,8 +108,13 @@ async def served_on_loopback(settings, models) -> AsyncIterator[tuple[str, FastA
         await task
 
 
-async def test_an_explanation_whose_client_disconnects_stops_at_its_next_chunk() -> None:
-    settings = settings_for(long_model_config(), cpu_workers=1)
+@pytest.mark.parametrize(("body_timeout_s", "disconnect_after_s"), [(60.0, 0.0), (0.3, 0.6)],
+                         ids=["at_once", "after_the_body_deadline"])
+async def test_an_explanation_whose_client_disconnects_stops_at_its_next_chunk(
+    body_timeout_s: float, disconnect_after_s: float
+) -> None:
+    """Also once the body deadline (which applies to receiving the body, not to waiting for the answer) has passed."""
+    settings = settings_for(long_model_config(), cpu_workers=1, body_timeout_s=body_timeout_s)
     models = load_models(settings)
     passes = GradientPasses(models["slow"].network)
     async with served_on_loopback(settings, models) as (base_url, app):
@@ -120,6 +125,7 @@ async def test_an_explanation_whose_client_disconnects_stops_at_its_next_chunk()
                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
         await writer.drain()
         assert await asyncio.to_thread(passes.started.wait, 30)
+        await asyncio.sleep(disconnect_after_s)
         writer.close()  # the client goes away mid-explanation
         await writer.wait_closed()
         closed = app.state.service.metrics.requests.labels("slow", "explain", "499")

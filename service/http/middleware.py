@@ -63,9 +63,11 @@ class BodySizeLimitMiddleware:
         loop = asyncio.get_running_loop()
         deadline = None if self.body_timeout_s is None else loop.time() + self.body_timeout_s
 
+        body_done = False  # after the body, receive() only waits for a disconnect: no deadline on that
+
         async def limited_receive() -> Message:
-            nonlocal received
-            if deadline is None:
+            nonlocal received, body_done
+            if deadline is None or body_done:
                 message = await receive()
             else:
                 try:
@@ -76,6 +78,7 @@ class BodySizeLimitMiddleware:
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     raise self._too_large(f"more than {self.max_body_bytes}")
+                body_done = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)

@@ -49,8 +49,8 @@ def _form_value(value: str) -> Any:
     if stripped[:1] in ("[", "{") or re.fullmatch(r"-?\d+", stripped):
         try:
             return json.loads(stripped)
-        except json.JSONDecodeError:
-            return value
+        except (ValueError, RecursionError):  # not JSON, an integer of over 4300 digits, or nested too deeply:
+            return value  # left as text, the field's validation names it
     return value
 
 
@@ -93,7 +93,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     included: a client's mistake, never a 500), 422 for JSON that is not an object."""
     try:
         payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
     except RecursionError:  # the C parser's guard against deep nesting; it leaves the interpreter usable
         raise ApiError(400, "invalid_json", "the body is not usable JSON: it is nested too deeply") from None

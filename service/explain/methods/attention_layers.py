@@ -27,7 +27,7 @@ class AttentionLayersParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     layers: list[int] | None = Field(
-        default=None, min_length=1,
+        default=None, min_length=1, max_length=256,
         description="Block indices to show (negative values count from the last block); default: every block. "
         "Returned in depth order, duplicates removed.",
     )
