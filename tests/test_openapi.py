@@ -175,3 +175,16 @@ def test_predict_response_and_model_info_are_documented(document: dict[str, Any]
     assert model_info["properties"]["family"]["description"]
     weights = resolve(document, "#/components/schemas/WeightsInfo")
     assert weights["properties"]["random"]["description"]
+
+
+def test_operation_ids_are_camel_case_function_names_for_generated_clients(document: dict[str, Any]) -> None:
+    ids = [op["operationId"] for path in document["paths"].values() for op in path.values() if "operationId" in op]
+    assert len(ids) == len(set(ids))
+    assert all(i[:1].islower() and "_" not in i for i in ids), ids
+    operations = {(method.upper(), path): op["operationId"] for path, item in document["paths"].items()
+                  for method, op in item.items()}
+    assert operations[("POST", "/v1/models/{model_id}/predict")] == "predict"
+    assert operations[("POST", "/v1/models/{model_id}/explain")] == "explain"
+    assert operations[("GET", "/v1/models")] == "listModels"
+    assert operations[("GET", "/v1/methods")] == "listMethods"
+    assert operations[("POST", "/v1/models/{model_id}/visualizations")] == "startVisualization"

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
+from fastapi.routing import APIRoute
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -68,6 +69,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         return respond(ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}"))
 
 
+def operation_id(route: APIRoute) -> str:
+    """The OpenAPI operation id of a route: its function's name in camelCase (`list_models` -> `listModels`), so
+    generated clients get `predict`, `explain`, `listModels` instead of FastAPI's path-derived names."""
+    first, *rest = route.name.split("_")
+    return first + "".join(word.capitalize() for word in rest)
+
+
 def create_app(
     settings: ServerSettings,
     models: dict[str, ServedModel] | None = None,
@@ -92,6 +100,7 @@ def create_app(
         version=__version__,
         description="Batched predictions and saliency maps for timm image classifiers.",
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
     )
     for routes in (health_routes, models_routes, predict_routes, explain_routes, methods_routes, metrics_routes,
                    jobs_routes):
