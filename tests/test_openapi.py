@@ -188,3 +188,14 @@ def test_operation_ids_are_camel_case_function_names_for_generated_clients(docum
     assert operations[("GET", "/v1/models")] == "listModels"
     assert operations[("GET", "/v1/methods")] == "listMethods"
     assert operations[("POST", "/v1/models/{model_id}/visualizations")] == "startVisualization"
+
+
+def test_every_422_is_documented_with_the_error_envelope(document: dict[str, Any]) -> None:
+    """The server never sends FastAPI's HTTPValidationError shape: every documented 422 is the envelope."""
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            response = operation.get("responses", {}).get("422")
+            if response is not None:
+                schema = response["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/ErrorResponse"}, (method, path, schema)
+    assert "HTTPValidationError" not in document["components"]["schemas"]

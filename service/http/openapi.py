@@ -69,7 +69,28 @@ def install_openapi(app: FastAPI) -> None:
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             document.setdefault("components", {}).setdefault("schemas", {}).update(_EXTRA_SCHEMAS)
+            _envelope_for_fastapi_validation_errors(document)
             app.openapi_schema = document
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _envelope_for_fastapi_validation_errors(document: dict[str, Any]) -> None:
+    """FastAPI documents a 422 `HTTPValidationError` for every route with parameters, but the server answers every
+    422 with the error envelope (`ErrorResponse`): document what is sent, and drop the schemas nothing uses then."""
+    fastapi_ref = REF_TEMPLATE.format(model="HTTPValidationError")
+    for item in document.get("paths", {}).values():
+        for operation in item.values():
+            response = operation.get("responses", {}).get("422")
+            schema = (response or {}).get("content", {}).get("application/json", {}).get("schema", {})
+            if schema.get("$ref") == fastapi_ref:
+                operation["responses"]["422"] = {
+                    "description": "A field failed validation; the message names it.",
+                    "content": {"application/json": {"schema": {"$ref": REF_TEMPLATE.format(model="ErrorResponse")}}},
+                }
+    schemas = document.get("components", {}).get("schemas", {})
+    if "ErrorResponse" in schemas and fastapi_ref not in repr(document.get("paths")):
+        schemas.pop("HTTPValidationError", None)
+        if "#/components/schemas/ValidationError" not in repr(document):
+            schemas.pop("ValidationError", None)
