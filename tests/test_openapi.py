@@ -199,3 +199,11 @@ def test_every_422_is_documented_with_the_error_envelope(document: dict[str, Any
                 schema = response["content"]["application/json"]["schema"]
                 assert schema == {"$ref": "#/components/schemas/ErrorResponse"}, (method, path, schema)
     assert "HTTPValidationError" not in document["components"]["schemas"]
+
+
+def test_retry_after_and_location_headers_are_documented(document: dict[str, Any]) -> None:
+    predict = document["paths"]["/v1/models/{model_id}/predict"]["post"]["responses"]
+    assert "Retry-After" in predict["503"]["headers"]
+    start = document["paths"]["/v1/models/{model_id}/visualizations"]["post"]["responses"]
+    assert "Location" in start["202"]["headers"] and "Retry-After" in start["429"]["headers"]
+    assert start["202"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/JobStatus"}

@@ -51,7 +51,20 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         504: "The result did not arrive within the model's timeout.",
         500: "Computing this request failed.",
     }
-    return {s: {"model": ErrorResponse, "description": descriptions[s]} for s in statuses}
+    responses: dict[int | str, dict[str, Any]] = {
+        s: {"model": ErrorResponse, "description": descriptions[s]} for s in statuses
+    }
+    if 503 in responses:
+        responses[503]["headers"] = {"Retry-After": RETRY_AFTER_HEADER}
+    return responses
+
+
+# The Retry-After header of 503 and 429 answers, as OpenAPI documents a response header.
+RETRY_AFTER_HEADER: dict[str, Any] = {
+    "description": "Seconds to wait before retrying (sent with queue_full, model_warming_up, shutting_down and "
+                   "too_many_jobs).",
+    "schema": {"type": "integer", "minimum": 0},
+}
 
 
 async def _until_disconnected(request: Request) -> None:

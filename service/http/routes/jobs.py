@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 
 from api_schemas import ErrorResponse, JobListResponse, JobStatus, VisualizationRequest
 from service.http.dependencies import get_ready_model, get_state
-from service.http.errors import ApiError, error_responses, invalid_request, shutting_down
+from service.http.errors import RETRY_AFTER_HEADER, ApiError, error_responses, invalid_request, shutting_down
 from service.http.openapi import json_request_body
 from service.http.uploads import read_json_request
 from service.model.served import ServedModel
@@ -60,7 +60,10 @@ def _job_or_404(state: ServiceState, job_id: str) -> VisualizationJob:
     "model's device, between prediction batches.",
     responses={
         **error_responses(400, 404, 413, 415, 422, 500, 503),
-        429: {"model": ErrorResponse, "description": "`max_jobs` jobs are queued or running already."},
+        202: {"description": "The job was created; `Location` is its URL.",
+              "headers": {"Location": {"description": "The job's URL: /v1/jobs/{id}.", "schema": {"type": "string"}}}},
+        429: {"model": ErrorResponse, "description": "`max_jobs` jobs are queued or running already.",
+              "headers": {"Retry-After": RETRY_AFTER_HEADER}},
     },
     # The body is read and validated by read_json_request: malformed JSON is 400 invalid_json, as on every route.
     openapi_extra=json_request_body(VisualizationRequest),
