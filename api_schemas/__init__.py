@@ -36,6 +36,19 @@ from api_schemas.jobs import (
 )
 from api_schemas.models import BatchingInfo, ModelInfo, ModelListResponse, WeightsInfo
 from api_schemas.predict import ClassScore, PredictJsonRequest, PredictOptions, PredictResponse, Timings
+from api_schemas.v2 import (
+    V2ErrorResponse,
+    V2InferRequest,
+    V2InferResponse,
+    V2LiveResponse,
+    V2ModelMetadata,
+    V2ReadyResponse,
+    V2RequestInput,
+    V2RequestOutput,
+    V2ResponseOutput,
+    V2ServerMetadata,
+    V2TensorMetadata,
+)
 
 __all__ = [
     "CropBox",
@@ -76,4 +89,15 @@ __all__ = [
     "TokenObjective",
     "VisualizationRequest",
     "VisualizationResult",
+    "V2ErrorResponse",
+    "V2InferRequest",
+    "V2InferResponse",
+    "V2LiveResponse",
+    "V2ModelMetadata",
+    "V2ReadyResponse",
+    "V2RequestInput",
+    "V2RequestOutput",
+    "V2ResponseOutput",
+    "V2ServerMetadata",
+    "V2TensorMetadata",
 ]

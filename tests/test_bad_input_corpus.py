@@ -389,7 +389,7 @@ CORPUS: dict[str, Bad] = {
     "unknown_model_info": Bad("GET", "/v1/models/nope", 404, "model_not_found", ("nope",)),
     "unknown_job": Bad("GET", "/v1/jobs/nope", 404, "job_not_found", ("nope",)),
     "unknown_job_delete": Bad("DELETE", "/v1/jobs/nope", 404, "job_not_found", ("nope",)),
-    "unknown_path": Bad("GET", "/v2/everything", 404, "not_found", ("Not Found",)),
+    "unknown_path": Bad("GET", "/v3/everything", 404, "not_found", ("Not Found",)),
     "wrong_method_predict": Bad("GET", PREDICT, 405, "method_not_allowed", ("Method Not Allowed",)),
     "wrong_method_healthz": Bad("POST", "/healthz", 405, "method_not_allowed", ("Method Not Allowed",)),
     "url_too_long": Bad("GET", "/v1/models?" + "a" * 10_000, 414, "url_too_long", ("max_url_bytes", "8192")),

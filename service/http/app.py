@@ -17,7 +17,7 @@ from api_schemas.errors import validation_message
 from service import __version__
 from service.http.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
 from service.config import ServerSettings
-from service.http.errors import ApiError, invalid_request
+from service.http.errors import ApiError, V2Error, invalid_request
 from service.http.openapi import install_openapi
 from service.http.routes import explain as explain_routes
 from service.http.routes import health as health_routes
@@ -26,6 +26,7 @@ from service.http.routes import methods as methods_routes
 from service.http.routes import metrics as metrics_routes
 from service.http.routes import models as models_routes
 from service.http.routes import predict as predict_routes
+from service.http.routes import v2 as v2_routes
 from service.model.served import ServedModel, load_served_model
 from service.http.state import ServiceState
 
@@ -44,29 +45,44 @@ def load_models(settings: ServerSettings) -> dict[str, ServedModel]:
     return {cfg.id: load_served_model(cfg, settings) for cfg in settings.models}
 
 
+def _is_v2(request: Request) -> bool:
+    """Whether the request is for an Open Inference Protocol route (errors there are `{"error": message}`)."""
+    path = request.url.path
+    return path == "/v2" or path.startswith("/v2/")
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     """Every error, ours or the framework's, answered with the envelope of an ApiError."""
 
-    def respond(error: ApiError) -> JSONResponse:
+    def respond(error: ApiError, request: Request | None = None) -> JSONResponse:
+        if request is not None and _is_v2(request):  # the Open Inference Protocol's own error shape
+            return respond_v2(V2Error.from_api_error(error))
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
+    def respond_v2(error: V2Error) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(V2Error)
+    async def v2_error(_: Request, exc: V2Error) -> JSONResponse:
+        return respond_v2(exc)
+
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return respond(exc)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return respond(exc, request)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        return respond(ApiError(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None)))
+        return respond(ApiError(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None)), request)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return respond(invalid_request(validation_message(exc.errors())))
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return respond(invalid_request(validation_message(exc.errors())), request)
 
     @app.exception_handler(Exception)
-    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return respond(ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}"))
+        return respond(ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}"), request)
 
 
 def operation_id(route: APIRoute) -> str:
@@ -103,7 +119,7 @@ def create_app(
         generate_unique_id_function=operation_id,
     )
     for routes in (health_routes, models_routes, predict_routes, explain_routes, methods_routes, metrics_routes,
-                   jobs_routes):
+                   jobs_routes, v2_routes):
         app.include_router(routes.router)
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes,

@@ -8,7 +8,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from api_schemas import ErrorDetail, ErrorResponse
+from api_schemas import ErrorDetail, ErrorResponse, V2ErrorResponse
 from service.runtime.batching import BatchedResult, BatchQueue, QueueClosedError, QueueFullError, RequestTimeoutError
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,23 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         """The JSON envelope, as documented by ErrorResponse."""
         return ErrorResponse(error=ErrorDetail(code=self.code, message=self.message)).model_dump()
+
+
+class V2Error(Exception):
+    """An error of an Open Inference Protocol (/v2) route, answered in that protocol's shape `{"error": message}`."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+    @classmethod
+    def from_api_error(cls, error: ApiError) -> "V2Error":
+        return cls(error.status, error.message, error.headers)
+
+    def body(self) -> dict[str, Any]:
+        return V2ErrorResponse(error=self.message).model_dump()
 
 
 def invalid_request(message: str) -> ApiError:

@@ -4,7 +4,9 @@ of these."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -21,6 +23,11 @@ from api_schemas import (
     PredictResponse,
     TargetExplanation,
     Timings,
+    V2InferRequest,
+    V2InferResponse,
+    V2ModelMetadata,
+    V2ResponseOutput,
+    V2TensorMetadata,
     WeightsInfo,
 )
 from service.explain.pipeline import ExplainOutcome, MethodRequest
@@ -28,6 +35,7 @@ from service.explain.registry import CostContext, ExplainMethod
 from service.explain.render.geometry import CropGeometry
 from service.explain.render.maps import RenderOptions, render_map
 from service.model.anatomy import ModelAnatomy
+from service.http.errors import V2Error
 from service.model.served import ServedModel
 from service.runtime.batching import BatchedResult, lane_batch_cap
 
@@ -178,3 +186,125 @@ def explain_response(
         explanations=explanations,
         timings=timings(result, received_at),
     )
+
+
+# --- Open Inference Protocol (V2) -------------------------------------------------------------------------------
+
+V2_EXTENSIONS = ("binary_tensor_data", "classification")
+V2_MODEL_VERSION = "1"
+V2_OUTPUTS = ("probabilities", "top_k_indices", "top_k_probabilities")
+V2_DEFAULT_TOP_K = 5
+
+
+def v2_model_metadata(served: ServedModel) -> V2ModelMetadata:
+    """The model's V2 metadata: one input of either kind (encoded images or pixels) and its outputs."""
+    return V2ModelMetadata(
+        name=served.id,
+        versions=[V2_MODEL_VERSION],
+        platform="pytorch_timm",
+        inputs=[
+            V2TensorMetadata(name="image", datatype="BYTES", shape=[-1],
+                             parameters={"description": "encoded images (PNG, JPEG...), one per element; "
+                                         "send this input or `pixels`"}),
+            V2TensorMetadata(name="pixels", datatype="FP32", shape=[-1, *served.input_size],
+                             parameters={"description": "images already preprocessed with the model's transform, "
+                                         "NCHW; send this input or `image`"}),
+        ],
+        outputs=[
+            V2TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, served.num_classes]),
+            V2TensorMetadata(name="top_k_indices", datatype="INT64", shape=[-1, -1],
+                             parameters={"description": "with the request parameter top_k (default 5)"}),
+            V2TensorMetadata(name="top_k_probabilities", datatype="FP32", shape=[-1, -1],
+                             parameters={"description": "with the request parameter top_k (default 5)"}),
+        ],
+        parameters={"architecture": served.architecture, "family": served.family,
+                    "weights": served.weights.source, "random_weights": served.weights.random},
+    )
+
+
+@dataclass(frozen=True)
+class V2Output:
+    name: str
+    binary: bool
+    classification: int | None = None
+
+
+@dataclass(frozen=True)
+class V2Outputs:
+    """The outputs an infer request asked for (all of them by default), checked before any work is queued."""
+
+    outputs: tuple[V2Output, ...]
+    top_k: int
+
+    @classmethod
+    def from_request(cls, request: V2InferRequest, num_classes: int) -> "V2Outputs":
+        parameters = request.parameters or {}
+        binary_default = parameters.get("binary_data_output", False)
+        if not isinstance(binary_default, bool):
+            raise V2Error(400, f"parameter binary_data_output must be a boolean, got {binary_default!r}")
+        top_k = parameters.get("top_k")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                  or not 1 <= top_k <= num_classes):
+            raise V2Error(400, f"parameter top_k must be an integer from 1 to {num_classes}, got {top_k!r}")
+        if request.outputs is None:
+            names = ["probabilities"] + (["top_k_indices", "top_k_probabilities"] if top_k is not None else [])
+            outputs = tuple(V2Output(name, binary_default) for name in names)
+        else:
+            chosen = []
+            for requested in request.outputs:
+                if requested.name not in V2_OUTPUTS:
+                    raise V2Error(400, f"unknown output {requested.name!r}; outputs: {list(V2_OUTPUTS)}")
+                params = requested.parameters or {}
+                binary = params.get("binary_data", binary_default)
+                if not isinstance(binary, bool):
+                    raise V2Error(400, f"output {requested.name!r}: binary_data must be a boolean, got {binary!r}")
+                classification = params.get("classification")
+                if classification is not None:
+                    if requested.name != "probabilities":
+                        raise V2Error(400, f"output {requested.name!r}: classification applies to probabilities only")
+                    if (isinstance(classification, bool) or not isinstance(classification, int)
+                            or not 1 <= classification <= num_classes):
+                        raise V2Error(400, f"output {requested.name!r}: classification must be an integer from 1 "
+                                           f"to {num_classes}, got {classification!r}")
+                chosen.append(V2Output(requested.name, binary, classification))
+            outputs = tuple(chosen)
+        return cls(outputs, top_k if top_k is not None else min(V2_DEFAULT_TOP_K, num_classes))
+
+
+def _v2_serialize_bytes(elements: list[bytes]) -> bytes:
+    return b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+
+
+def v2_infer_body(served: ServedModel, request: V2InferRequest, outputs: V2Outputs, probabilities: np.ndarray,
+                  ) -> tuple[bytes, list[bytes]]:
+    """The response JSON and, for outputs asked for as binary data, their bytes in order (CPU work: off the loop).
+    `probabilities` is (N, classes) float32."""
+    count = probabilities.shape[0]
+    order = np.argsort(-probabilities, axis=1, kind="stable")
+    tensors: list[V2ResponseOutput] = []
+    blobs: list[bytes] = []
+    for output in outputs.outputs:
+        if output.classification is not None:  # Triton's classification extension: "value:index:label"
+            k = output.classification
+            top = order[:, :k]
+            strings = [f"{probabilities[n, i]:f}:{i}:{served.labels[i]}" for n in range(count) for i in top[n]]
+            datatype, shape = "BYTES", [count, k]
+            array: np.ndarray | None = None
+        elif output.name == "probabilities":
+            datatype, shape, array = "FP32", [count, probabilities.shape[1]], probabilities.astype("<f4")
+        elif output.name == "top_k_indices":
+            datatype, shape, array = "INT64", [count, outputs.top_k], order[:, :outputs.top_k].astype("<i8")
+        else:
+            top = order[:, :outputs.top_k]
+            datatype, shape = "FP32", [count, outputs.top_k]
+            array = np.take_along_axis(probabilities, top, axis=1).astype("<f4")
+        if output.binary:
+            data = _v2_serialize_bytes([s.encode() for s in strings]) if array is None else array.tobytes()
+            blobs.append(data)
+            tensors.append(V2ResponseOutput(name=output.name, datatype=datatype, shape=shape,
+                                            parameters={"binary_data_size": len(data)}))
+        else:
+            tensors.append(V2ResponseOutput(name=output.name, datatype=datatype, shape=shape,
+                                            data=strings if array is None else array.reshape(-1).tolist()))
+    response = V2InferResponse(model_name=served.id, model_version=V2_MODEL_VERSION, id=request.id, outputs=tensors)
+    return response.model_dump_json(exclude_none=True).encode(), blobs
