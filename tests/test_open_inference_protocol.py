@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 import struct
 import threading
 import time
@@ -263,6 +264,15 @@ def test_v2_error_shape_is_scoped_to_v2(server: tuple[str, dict[str, ServedModel
     assert isinstance(httpx.get(f"{url}/v2/nothing/here").json()["error"], str)
     ours = httpx.get(f"{url}/v1/models/nope").json()
     assert set(ours["error"]) == {"code", "message"}
+    # answered by the middleware before the app: still the protocol's shape under /v2
+    too_long = httpx.get(f"{url}/v2/models/{'x' * 9000}")
+    assert too_long.status_code == 414 and isinstance(too_long.json()["error"], str)
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:  # a declared body over max_body_bytes
+        sock.sendall(b"POST /v2/models/tiny_vit/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 10000000000\r\n\r\n{}")
+        head, _, body = sock.recv(65536).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and isinstance(json.loads(body)["error"], str)
 
 
 @pytest.mark.anyio

@@ -17,7 +17,7 @@ from api_schemas.errors import validation_message
 from service import __version__
 from service.http.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
 from service.config import ServerSettings
-from service.http.errors import ApiError, V2Error, invalid_request
+from service.http.errors import ApiError, V2Error, invalid_request, is_v2_path
 from service.http.openapi import install_openapi
 from service.http.routes import explain as explain_routes
 from service.http.routes import health as health_routes
@@ -45,17 +45,11 @@ def load_models(settings: ServerSettings) -> dict[str, ServedModel]:
     return {cfg.id: load_served_model(cfg, settings) for cfg in settings.models}
 
 
-def _is_v2(request: Request) -> bool:
-    """Whether the request is for an Open Inference Protocol route (errors there are `{"error": message}`)."""
-    path = request.url.path
-    return path == "/v2" or path.startswith("/v2/")
-
-
 def _install_error_handlers(app: FastAPI) -> None:
     """Every error, ours or the framework's, answered with the envelope of an ApiError."""
 
     def respond(error: ApiError, request: Request | None = None) -> JSONResponse:
-        if request is not None and _is_v2(request):  # the Open Inference Protocol's own error shape
+        if request is not None and is_v2_path(request.url.path):  # the Open Inference Protocol's own error shape
             return respond_v2(V2Error.from_api_error(error))
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 

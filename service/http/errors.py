@@ -46,6 +46,11 @@ class V2Error(Exception):
         return V2ErrorResponse(error=self.message).model_dump()
 
 
+def is_v2_path(path: str) -> bool:
+    """Whether a path belongs to the Open Inference Protocol routes (errors there are `{"error": message}`)."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
 def invalid_request(message: str) -> ApiError:
     """422 for a request field that failed validation; the message names the field."""
     return ApiError(422, "invalid_request", message)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.http.errors import ApiError
+from service.http.errors import ApiError, V2Error, is_v2_path
 
 if TYPE_CHECKING:
     from service.http.state import ServiceState
@@ -53,11 +53,11 @@ class BodySizeLimitMiddleware:
         url_error = self._url_too_long(len(scope.get("raw_path") or scope.get("path", "").encode())
                                        + len(scope.get("query_string", b"")))
         if url_error is not None:
-            await _send_error(send, url_error)
+            await _send_error(send, url_error, scope.get("path", ""))
             return
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
-                await _send_error(send, self._too_large(int(value)))
+                await _send_error(send, self._too_large(int(value)), scope.get("path", ""))
                 return
         received = 0
         loop = asyncio.get_running_loop()
@@ -84,8 +84,10 @@ class BodySizeLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-async def _send_error(send: Send, error: ApiError) -> None:
-    body = json.dumps(error.body()).encode()
+async def _send_error(send: Send, error: ApiError, path: str = "") -> None:
+    """The error answered before the app runs, in the envelope of the route asked for (the Open Inference
+    Protocol's `{"error": message}` under /v2)."""
+    body = json.dumps(V2Error.from_api_error(error).body() if is_v2_path(path) else error.body()).encode()
     extra = [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
     await send(
         {
