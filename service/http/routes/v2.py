@@ -37,7 +37,7 @@ from api_schemas import (
 )
 from api_schemas.errors import validation_message
 from service import __version__
-from service.http.dependencies import get_state
+from service.http.dependencies import get_state, ready_model, served_model
 from service.http.errors import ApiError, V2Error, submit_or_raise
 from service.http.responses import (
     V2_EXTENSIONS,
@@ -55,22 +55,21 @@ router = APIRouter(tags=["open inference protocol"], include_in_schema=False)
 HEADER_LENGTH = "inference-header-content-length"
 
 
-def _model(state: ServiceState, name: str, version: str | None) -> ServedModel:
-    served = state.models.get(name)
-    if served is None:
-        raise V2Error(404, f"no model {name!r}; served models: {sorted(state.models)}")
+def _check_version(name: str, version: str | None) -> None:
     if version not in (None, "", V2_MODEL_VERSION):
         raise V2Error(404, f"model {name!r} has no version {version!r}; versions: [{V2_MODEL_VERSION!r}]")
+
+
+# The model look-ups are /v1's: their ApiErrors are answered in the protocol's shape under /v2 (service/http/app.py).
+def _model(state: ServiceState, name: str, version: str | None) -> ServedModel:
+    served = served_model(state, name)
+    _check_version(name, version)
     return served
 
 
 def _ready_model(state: ServiceState, name: str, version: str | None) -> ServedModel:
-    served = _model(state, name, version)
-    if served.failure is not None:
-        raise V2Error(503, f"model {name!r} cannot serve: {served.failure}")
-    if not served.ready:
-        raise V2Error(503, f"model {name!r} is still warming up", {"Retry-After": "1"})
-    return served
+    _model(state, name, version)
+    return ready_model(state, name)
 
 
 @router.get("/v2/health/live")
