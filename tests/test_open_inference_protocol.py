@@ -227,6 +227,7 @@ def test_plain_http_json_shapes(server: tuple[str, dict[str, ServedModel]]) -> N
     ("/v2/models/nope/infer", {"inputs": []}, {}, 404),
     ("/v2/models/tiny_vit/versions/2/infer", {"inputs": []}, {}, 404),
     ("/v2/models/tiny_vit/infer", b"{not json", {}, 400),
+    ("/v2/models/tiny_vit/infer", b"[" * 100_000, {}, 400),  # nested too deeply for the parser
     ("/v2/models/tiny_vit/infer", {"inputs": "x"}, {}, 400),
     ("/v2/models/tiny_vit/infer", {"inputs": []}, {}, 400),
     ("/v2/models/tiny_vit/infer", {"inputs": [{"name": "i", "shape": [1], "datatype": "INT8", "data": [1]}]}, {}, 400),

@@ -176,6 +176,8 @@ def _parse_body(body: bytes, header_length: str | None) -> tuple[V2InferRequest,
         document = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise V2Error(400, f"the inference request is not valid JSON: {exc}") from None
+    except RecursionError:  # the parser's guard against deep nesting: a client's mistake, not a 500
+        raise V2Error(400, "the inference request is not usable JSON: it is nested too deeply") from None
     try:
         return V2InferRequest.model_validate(document), binary
     except ValidationError as exc:
