@@ -10,11 +10,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# The datatypes of the protocol (a tensor's `datatype`).
-V2_DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32",
-                "FP64", "BYTES", "BF16")
-
-
 class V2ErrorResponse(BaseModel):
     """An error of a /v2 route, in the protocol's shape (our own routes answer with ErrorResponse)."""
 

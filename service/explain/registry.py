@@ -127,7 +127,8 @@ def register_method(
         _METHODS[name] = ExplainMethod(
             name=name, description=description, families=families, class_specific=class_specific,
             params_model=params_model, needs=needs, compute=compute, relative_cost=relative_cost,
-            cost_note=cost_note, check=check, cost=cost,
+            cost_note=cost_note, check=check,
+            cost=cost or per_target_cost(relative_cost, class_specific),  # built once, not per request
         )
         return compute
 

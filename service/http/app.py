@@ -17,7 +17,7 @@ from api_schemas.errors import validation_message
 from service import __version__
 from service.http.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
 from service.config import ServerSettings
-from service.http.errors import ApiError, V2Error, invalid_request, is_v2_path
+from service.http.errors import ApiError, V2Error, error_body_for, invalid_request
 from service.http.openapi import install_openapi
 from service.http.routes import explain as explain_routes
 from service.http.routes import health as health_routes
@@ -49,9 +49,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     """Every error, ours or the framework's, answered with the envelope of an ApiError."""
 
     def respond(error: ApiError, request: Request | None = None) -> JSONResponse:
-        if request is not None and is_v2_path(request.url.path):  # the Open Inference Protocol's own error shape
-            return respond_v2(V2Error.from_api_error(error))
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+        body = error.body() if request is None else error_body_for(error, request.url.path)
+        return JSONResponse(body, status_code=error.status, headers=error.headers)
 
     def respond_v2(error: V2Error) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)

@@ -51,6 +51,12 @@ def is_v2_path(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
 
+def error_body_for(error: ApiError, path: str) -> dict[str, Any]:
+    """The body answering `error` on `path`: the Open Inference Protocol's `{"error": message}` under /v2, else the
+    envelope."""
+    return V2Error.from_api_error(error).body() if is_v2_path(path) else error.body()
+
+
 def invalid_request(message: str) -> ApiError:
     """422 for a request field that failed validation; the message names the field."""
     return ApiError(422, "invalid_request", message)

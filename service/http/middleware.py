@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.http.errors import ApiError, V2Error, is_v2_path
+from service.http.errors import ApiError, error_body_for
 
 if TYPE_CHECKING:
     from service.http.state import ServiceState
@@ -87,7 +87,7 @@ class BodySizeLimitMiddleware:
 async def _send_error(send: Send, error: ApiError, path: str = "") -> None:
     """The error answered before the app runs, in the envelope of the route asked for (the Open Inference
     Protocol's `{"error": message}` under /v2)."""
-    body = json.dumps(V2Error.from_api_error(error).body() if is_v2_path(path) else error.body()).encode()
+    body = json.dumps(error_body_for(error, path)).encode()
     extra = [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
     await send(
         {

@@ -117,13 +117,13 @@ class DeviceLanes:
         future: asyncio.Future[int] = loop.create_future()
         entry = (owner, future)
         self._waiters.append(entry)
-        self._waiting = tuple(o for o, _ in self._waiters)
+        self._snapshot_waiters()
         try:
             return await future
         except asyncio.CancelledError:
             if entry in self._waiters:
                 self._waiters.remove(entry)
-                self._waiting = tuple(o for o, _ in self._waiters)
+                self._snapshot_waiters()
             elif future.done() and not future.cancelled():  # handed a lane just as the caller was cancelled
                 self.release(future.result())
             raise
@@ -135,11 +135,16 @@ class DeviceLanes:
             return
         while self._waiters:
             _, future = self._waiters.popleft()
-            self._waiting = tuple(o for o, _ in self._waiters)
+            self._snapshot_waiters()
             if not future.done():
                 future.set_result(index)
                 return
         self._free.append(index)
+
+    def _snapshot_waiters(self) -> None:
+        """On the event loop, after each change of the waiters: the owners waiting, as an immutable tuple that lane
+        threads read in `yield_lane` without a lock."""
+        self._waiting = tuple(owner for owner, _ in self._waiters)
 
     def executor(self, index: int) -> Executor:
         """Where the holder of lane `index` runs its batch: the lane's thread, or its lender while lent."""
@@ -171,7 +176,7 @@ class DeviceLanes:
             waiter, future = entry
             if waiter != owner and not future.done():
                 self._waiters.remove(entry)
-                self._waiting = tuple(o for o, _ in self._waiters)
+                self._snapshot_waiters()
                 self._lent[index] = calls
                 future.set_result(index)
                 return
