@@ -229,6 +229,11 @@ class V2Output:
     classification: int | None = None
 
 
+def _class_count(value: object, num_classes: int) -> bool:
+    """Whether a request parameter is a number of classes: an integer (never a boolean) from 1 to `num_classes`."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= num_classes
+
+
 @dataclass(frozen=True)
 class V2Outputs:
     """The outputs an infer request asked for (all of them by default), checked before any work is queued."""
@@ -243,8 +248,7 @@ class V2Outputs:
         if not isinstance(binary_default, bool):
             raise V2Error(400, f"parameter binary_data_output must be a boolean, got {binary_default!r}")
         top_k = parameters.get("top_k")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                                  or not 1 <= top_k <= num_classes):
+        if top_k is not None and not _class_count(top_k, num_classes):
             raise V2Error(400, f"parameter top_k must be an integer from 1 to {num_classes}, got {top_k!r}")
         if request.outputs is None:
             names = ["probabilities"] + (["top_k_indices", "top_k_probabilities"] if top_k is not None else [])
@@ -262,8 +266,7 @@ class V2Outputs:
                 if classification is not None:
                     if requested.name != "probabilities":
                         raise V2Error(400, f"output {requested.name!r}: classification applies to probabilities only")
-                    if (isinstance(classification, bool) or not isinstance(classification, int)
-                            or not 1 <= classification <= num_classes):
+                    if not _class_count(classification, num_classes):
                         raise V2Error(400, f"output {requested.name!r}: classification must be an integer from 1 "
                                            f"to {num_classes}, got {classification!r}")
                 chosen.append(V2Output(requested.name, binary, classification))
