@@ -1,7 +1,11 @@
 """Pydantic v2 request/response models of the saliency-server HTTP API.
 
-This package imports neither torch nor the server, so other services can depend on it alone.
+This package imports neither torch nor the server, so other services can depend on it alone. It also ships a typed
+HTTP client, `api_schemas.client` (`SaliencyClient`, `AsyncSaliencyClient`, `SaliencyError`, also importable from
+here): it is loaded on first use only, so importing the models alone does not import httpx.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from api_schemas.errors import ErrorDetail, ErrorResponse
 from api_schemas.explain import (
@@ -34,7 +38,7 @@ from api_schemas.jobs import (
     VisualizationRequest,
     VisualizationResult,
 )
-from api_schemas.models import BatchingInfo, ModelInfo, ModelListResponse, WeightsInfo
+from api_schemas.models import BatchingInfo, ModelInfo, ModelListResponse, Preprocessing, WeightsInfo
 from api_schemas.predict import ClassScore, PredictJsonRequest, PredictOptions, PredictResponse, Timings
 from api_schemas.v2 import (
     V2ErrorResponse,
@@ -77,6 +81,7 @@ __all__ = [
     "PredictJsonRequest",
     "PredictOptions",
     "PredictResponse",
+    "Preprocessing",
     "ReadinessResponse",
     "Timings",
     "WeightsInfo",
@@ -101,3 +106,20 @@ __all__ = [
     "V2ServerMetadata",
     "V2TensorMetadata",
 ]
+
+if TYPE_CHECKING:
+    from api_schemas.client import AsyncSaliencyClient as AsyncSaliencyClient
+    from api_schemas.client import JobTimeoutError as JobTimeoutError
+    from api_schemas.client import SaliencyClient as SaliencyClient
+    from api_schemas.client import SaliencyError as SaliencyError
+
+# The client's names, resolved lazily (PEP 562); they stay out of `__all__`, which lists the models.
+_CLIENT_NAMES = frozenset({"AsyncSaliencyClient", "SaliencyClient", "SaliencyError", "JobTimeoutError"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLIENT_NAMES:
+        from api_schemas import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

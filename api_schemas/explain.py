@@ -48,9 +48,11 @@ def _target_form(value: Any) -> str | None:
     return None
 
 
+# "top1" is one of the strings, not a constant of its own in the union: generated clients type a `Literal` member
+# badly (openapi-python-client calls isinstance on it), and the string's default says the same.
 Target = Annotated[
     Union[
-        Annotated[Union[Literal["top1"], str], Tag("name")],
+        Annotated[str, Tag("name")],
         Annotated[int, Field(strict=True), Tag("index")],
         Annotated[TopKTarget, Tag("top_k")],
     ],
@@ -135,6 +137,20 @@ class RawArray(BaseModel):
     shape: list[int] = Field(examples=[[14, 14]])
     data: str = Field(description="base64 of the little-endian float32 bytes.")
 
+    def to_numpy(self) -> Any:
+        """The array as a writable numpy float32 array of `shape` (numpy is imported here, not with the package)."""
+        import base64
+
+        import numpy as np
+
+        data = bytearray(base64.b64decode(self.data))
+        count = 1
+        for side in self.shape:
+            count *= side
+        if len(data) != 4 * count:
+            raise ValueError(f"raw array of shape {self.shape} needs {4 * count} bytes of float32, got {len(data)}")
+        return np.frombuffer(data, dtype="<f4").reshape(self.shape).astype(np.float32, copy=False)
+
 
 class Peak(BaseModel):
     """Where the map is highest."""
@@ -169,6 +185,35 @@ class RenderedMap(BaseModel):
     raw: RawArray | None = None
     statistics: MapStatistics
 
+    def to_array(self) -> Any:
+        """The map's values as a numpy float32 (height, width) array, NaN where the model saw nothing (the `raw`
+        output format, which has to have been requested)."""
+        if self.raw is None:
+            raise ValueError(
+                "this map has no raw values: request them with output={'format': [..., 'raw']} (OutputOptions.format)"
+            )
+        return self.raw.to_numpy()
+
+    def to_image(self, kind: OutputFormat = "heatmap_png") -> Any:
+        """One of the map's PNGs as a PIL image: `heatmap_png` (RGBA), `overlay_png` (RGB) or `gray_png` (16-bit
+        grayscale); that format has to have been requested (PIL is imported here, not with the package)."""
+        import base64
+        import io
+
+        from PIL import Image
+
+        if kind not in ("heatmap_png", "overlay_png", "gray_png"):
+            raise ValueError(f"kind must be 'heatmap_png', 'overlay_png' or 'gray_png', got {kind!r}")
+        encoded = getattr(self, kind)
+        if encoded is None:
+            present = [f for f in ("heatmap_png", "overlay_png", "gray_png", "raw") if getattr(self, f) is not None]
+            raise ValueError(
+                f"this map has no {kind}: request it with output={{'format': [..., {kind!r}]}} (it has {present})"
+            )
+        image = Image.open(io.BytesIO(base64.b64decode(encoded)))
+        image.load()
+        return image
+
 
 class LayerMap(RenderedMap):
     """A per-layer map of a layer-wise method."""
@@ -183,6 +228,10 @@ class TargetExplanation(BaseModel):
     map: RenderedMap
     layers: list[LayerMap] | None = Field(default=None, description="Per-layer maps, for layer-wise methods.")
 
+    def to_array(self) -> Any:
+        """The map as a numpy float32 array (see RenderedMap.to_array)."""
+        return self.map.to_array()
+
 
 class MethodResult(BaseModel):
     """Everything one method produced."""
@@ -192,6 +241,21 @@ class MethodResult(BaseModel):
     class_specific: bool
     compute_ms: float = Field(description="Time the method's own tensor work took for the batch this request ran in.")
     results: list[TargetExplanation]
+
+    def map(self, rank: int = 0) -> RenderedMap:
+        """The map for the method's `rank`-th target, in the request's order (with {"top_k": k}: 0 is the most
+        probable class); a class-agnostic method has one map, whatever the target."""
+        if not -len(self.results) <= rank < len(self.results):
+            raise IndexError(f"method {self.method!r} has {len(self.results)} map(s); there is no rank {rank}")
+        return self.results[rank].map
+
+    def for_class(self, index: int) -> RenderedMap:
+        """The map explaining the class `index` (one of the request's targets)."""
+        for result in self.results:
+            if result.target is not None and result.target.index == index:
+                return result.map
+        explained = [r.target.index for r in self.results if r.target is not None]
+        raise KeyError(f"method {self.method!r} has no map for class {index}; it explained {explained}")
 
 
 class CropBox(BaseModel):
@@ -214,6 +278,19 @@ class ExplainResponse(BaseModel):
     space: OutputSpace
     explanations: list[MethodResult]
     timings: Timings
+
+    def method(self, method: str | int) -> MethodResult:
+        """A method's results, by name (the first, if the request named it twice) or by position in the request."""
+        if isinstance(method, int):
+            return self.explanations[method]
+        for result in self.explanations:
+            if result.method == method:
+                return result
+        raise KeyError(f"no results of method {method!r}; the response has {[r.method for r in self.explanations]}")
+
+    def map(self, method: str | int, rank: int = 0) -> RenderedMap:
+        """The map of `method` (name or position) for its `rank`-th target (see MethodResult.map)."""
+        return self.method(method).map(rank)
 
 
 class MethodInfo(BaseModel):

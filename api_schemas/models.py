@@ -1,5 +1,7 @@
 """Descriptions of the served models (`GET /v1/models`)."""
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -27,12 +29,25 @@ class BatchingInfo(BaseModel):
     timeout_s: float = Field(description="How long a request may wait for its result before it gets 504.")
 
 
+class Preprocessing(BaseModel):
+    """How an image becomes the model's input (timm's data config): resize, centre crop, normalise."""
+
+    input_size: list[int] = Field(description="[channels, height, width].", examples=[[3, 224, 224]])
+    interpolation: str = Field(description="Resize interpolation.", examples=["bicubic"])
+    mean: list[float] = Field(description="Per-channel mean subtracted after scaling to [0, 1].",
+                              examples=[[0.485, 0.456, 0.406]])
+    std: list[float] = Field(description="Per-channel standard deviation divided by.", examples=[[0.229, 0.224, 0.225]])
+    crop_pct: float = Field(description="Centre-crop fraction: the image is resized to input / crop_pct, then cropped.",
+                            examples=[0.875])
+    crop_mode: str = Field(description="timm crop mode: `center`, `squash` or `border`.", examples=["center"])
+
+
 class ModelInfo(BaseModel):
     """One served model."""
 
     id: str = Field(examples=["efficientnet_lite0"])
     architecture: str = Field(description="timm model name.", examples=["tf_efficientnet_lite0"])
-    family: str = Field(description="`vit` for vision transformers, `cnn` otherwise.", examples=["cnn"])
+    family: Literal["vit", "cnn"] = Field(description="`vit` for vision transformers, `cnn` otherwise.", examples=["cnn"])
     weights: WeightsInfo
     input_size: list[int] = Field(description="Model input as [channels, height, width].", examples=[[3, 224, 224]])
     num_classes: int = Field(examples=[1000])
@@ -40,9 +55,7 @@ class ModelInfo(BaseModel):
     dtype: str = Field(examples=["float32"])
     ready: bool = Field(description="Loaded and warmed up.")
     batching: BatchingInfo
-    preprocessing: dict[str, object] = Field(
-        description="timm data config: input_size, interpolation, mean, std, crop_pct, crop_mode."
-    )
+    preprocessing: Preprocessing
 
 
 class ModelListResponse(BaseModel):

@@ -493,6 +493,48 @@ async def test_multipart_fields_are_still_converted_from_text(client: httpx.Asyn
 
 
 @pytest.mark.anyio
+async def test_multipart_list_fields_may_be_repeated_one_item_per_field(client: httpx.AsyncClient) -> None:
+    """What OpenAPI generators and `curl -F methods=a -F methods=b` send: a part per item, an object as JSON text."""
+    fields = {"methods": ["gradcam", json.dumps({"name": "rollout", "params": {"head_fusion": "max"}})],
+              "target": json.dumps({"top_k": 2}), "output": json.dumps({"format": ["raw"], "space": "tokens"})}
+    response = await client.post(EXPLAIN, files=[("file", ("a.png", good_png(), "image/png"))], data=fields)
+    assert response.status_code == 200, response.text
+    explanations = response.json()["explanations"]
+    assert [e["method"] for e in explanations] == ["gradcam", "rollout"]
+    assert explanations[1]["params"]["head_fusion"] == "max" and len(explanations[0]["results"]) == 2
+    one = await client.post(EXPLAIN, files={"file": ("a.png", good_png(), "image/png")}, data={"methods": "gradcam"})
+    assert one.status_code == 200 and [e["method"] for e in one.json()["explanations"]] == ["gradcam"]
+
+
+@pytest.mark.anyio
+async def test_a_field_that_takes_one_value_sent_twice_is_422_naming_it(client: httpx.AsyncClient) -> None:
+    response = await client.post(EXPLAIN, files=[("file", ("a.png", good_png(), "image/png"))],
+                                 data={"methods": "gradcam", "top_k": ["2", "3"]})
+    assert (response.status_code, response.json()["error"]["code"]) == (422, "invalid_request")
+    assert response.json()["error"]["message"] == "top_k: sent 2 times; send it once"
+
+
+@pytest.mark.anyio
+async def test_a_file_in_an_option_field_is_400_not_dropped(client: httpx.AsyncClient) -> None:
+    response = await client.post(PREDICT, files=[("file", ("a.png", good_png(), "image/png")),
+                                                 ("top_k", ("k.txt", b"3", "text/plain"))])
+    assert (response.status_code, response.json()["error"]["code"]) == (400, "invalid_multipart")
+    assert "Maximum number of files is 1" in response.json()["error"]["message"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", [PREDICT, EXPLAIN])
+@pytest.mark.parametrize("content_type", ["application/json", None])
+async def test_an_empty_body_is_400_saying_what_to_send(
+    client: httpx.AsyncClient, path: str, content_type: str | None
+) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    response = await client.post(path, content=b"", headers=headers)
+    assert (response.status_code, response.json()["error"]["code"]) == (400, "empty_body")
+    assert "'image'" in response.json()["error"]["message"] and "'file'" in response.json()["error"]["message"]
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
 async def test_health_probes_answer_head(client: httpx.AsyncClient, path: str) -> None:
     response = await client.head(path)

@@ -62,7 +62,9 @@ def test_paths_present(document: dict[str, Any]) -> None:
 
 def test_predict_json_request_body(document: dict[str, Any]) -> None:
     body = document["paths"][PREDICT]["post"]["requestBody"]
-    assert body["required"] is True
+    # Required in fact (400 empty_body without one) but not marked so: openapi-python-client 0.29 generates code
+    # that does not import for a required body with two content types (see service/http/openapi.py).
+    assert "required" not in body and "Required." in body["description"]
     schema = body["content"]["application/json"]["schema"]
     assert schema == {"$ref": "#/components/schemas/PredictJsonRequest"}
     resolved = resolve(document, schema["$ref"])

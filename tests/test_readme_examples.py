@@ -1,5 +1,5 @@
 """The README's curl examples work as pasted: each is run by bash from the repository root against a real server on
-loopback (its port put in place of 8000), and must answer 200 with JSON."""
+loopback (its port put in place of 8000), and must answer 200 with JSON; so does its Python client example."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,17 @@ def test_a_readme_example_answers_200_with_json(example: str, server: ServerProc
     if "/predict" in example:
         assert body["model_id"] == "efficientnet_lite0"
         assert body["predictions"][0]["label"] in ("tiger cat", "tabby, tabby cat", "Egyptian cat")
+
+
+CLIENT_EXAMPLES = [block for block in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "SaliencyClient" in block]
+
+
+def test_the_readme_shows_the_shipped_client() -> None:
+    assert len(CLIENT_EXAMPLES) == 1 and len(CLIENT_EXAMPLES[0].strip().splitlines()) <= 6
+
+
+def test_the_readme_client_example_runs(server: ServerProcess) -> None:
+    code = CLIENT_EXAMPLES[0].replace(README_URL, server.base_url)
+    completed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, (completed.stderr[-2000:], server.log_tail())
+    assert completed.stdout.startswith("tiger cat (300, 451) (451, 300)"), completed.stdout

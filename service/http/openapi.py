@@ -37,12 +37,19 @@ def image_request_body(json_model: type[BaseModel], options_model: type[BaseMode
         _EXTRA_SCHEMAS[name] = definition
     form_properties = {"file": {"type": "string", "format": "binary", "description": "The image file."}}
     for name, prop in options.get("properties", {}).items():
-        if _takes_json_text(prop):
-            prop = {**prop, "description": (prop.get("description", "") + " Send it as JSON text.").strip()}
-        form_properties[name] = prop
+        if prop.get("type") == "array":
+            note = "Send one field per item (an object item as JSON text), or the whole list as one JSON text field."
+        elif _takes_json_text(prop):
+            note = "Send an object as JSON text."
+        else:
+            note = ""
+        form_properties[name] = {**prop, "description": f"{prop.get('description', '')} {note}".strip()}
     return {
         "requestBody": {
-            "required": True,
+            # The body is required (without one the answer is 400 `empty_body`), but `required` is left unset:
+            # openapi-python-client 0.29 emits code that does not import for a required body with two content types
+            # (`NameError: name 'Unset' is not defined`, openapi-generators/openapi-python-client#1451).
+            "description": "The image: JSON with a base64 `image`, or a multipart upload with a `file` part. Required.",
             "content": {
                 "application/json": {"schema": json_ref},
                 "multipart/form-data": {

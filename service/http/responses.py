@@ -21,6 +21,7 @@ from api_schemas import (
     MethodResult,
     ModelInfo,
     PredictResponse,
+    Preprocessing,
     TargetExplanation,
     Timings,
     V2InferRequest,
@@ -83,7 +84,7 @@ def model_info(served: ServedModel) -> ModelInfo:
             batch_cap=lane_batch_cap(cfg.max_batch_size, len(served.copies)), max_wait_ms=cfg.max_wait_ms,
             queue_size=cfg.queue_size, timeout_s=cfg.timeout_s,
         ),
-        preprocessing={k: list(v) if isinstance(v, tuple) else v for k, v in served.data_config.items()},
+        preprocessing=Preprocessing(**served.data_config),
     )
 
 

@@ -9,13 +9,13 @@ import io
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar, get_origin
 
 import numpy as np
 from fastapi import Request
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api_schemas.errors import validation_message
@@ -54,6 +54,34 @@ def _form_value(value: str) -> Any:
     return value
 
 
+def _is_list_field(model: type[BaseModel], name: str) -> bool:
+    field = model.model_fields.get(name)
+    return field is not None and get_origin(field.annotation) is list
+
+
+def _form_fields(form: FormData, model: type[BaseModel]) -> dict[str, Any]:
+    """The option fields of a multipart form (every part but `file`), ready for validation against `model`.
+
+    A list field may come as one part holding the whole list as JSON text (`methods=["rollout", "gradcam"]`) or as
+    one part per item (what OpenAPI generators and `curl -F methods=a -F methods=b` send), each item a plain value
+    or JSON text (`{"name": ..., "params": ...}`). Any other field sent more than once is refused, naming it,
+    rather than one of its values being kept silently.
+    """
+    values: dict[str, list[Any]] = {}
+    for key, value in form.multi_items():
+        if key != "file" and isinstance(value, str):  # a second file part never gets here: the parser's max_files=1
+            values.setdefault(key, []).append(_form_value(value))
+    fields: dict[str, Any] = {}
+    for key, parts in values.items():
+        if _is_list_field(model, key):
+            fields[key] = parts[0] if len(parts) == 1 and isinstance(parts[0], list) else parts
+        elif len(parts) > 1:
+            raise invalid_request(f"{key}: sent {len(parts)} times; send it once")
+        else:
+            fields[key] = parts[0]
+    return fields
+
+
 def _validate(model: type[O], data: Any) -> O:
     try:
         return model.model_validate(data)
@@ -76,10 +104,13 @@ async def read_image_request(
         if not isinstance(upload, UploadFile):
             raise invalid_request("file: a multipart upload needs the image in a field named 'file'")
         data = await upload.read()
-        fields = {key: _form_value(value) for key, value in form.multi_items() if key != "file" and isinstance(value, str)}
-        return ImageRequest(data, _validate(options_model, fields))
+        return ImageRequest(data, _validate(options_model, _form_fields(form, options_model)))
     if content_type in ("application/json", ""):
-        parsed = _validate(json_model, parse_json_object(await request.body()))
+        body = await request.body()
+        if not body.strip():
+            raise ApiError(400, "empty_body", "the request has no body: send JSON with the image base64-encoded in "
+                           "'image', or a multipart/form-data upload with the image in a 'file' field")
+        parsed = _validate(json_model, parse_json_object(body))
         options = options_model.model_validate(parsed.model_dump(exclude={"image"}))
         return ImageRequest(decode_base64_image(parsed.image), options)  # type: ignore[attr-defined]
     raise ApiError(
