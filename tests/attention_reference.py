@@ -65,14 +65,16 @@ def attentions_and_gradients(model: torch.nn.Module, pixels: torch.Tensor, targe
 
 
 def discard_plainly(fused: np.ndarray, ratio: float, prefix: int) -> np.ndarray:
-    """Zero the int(N * N * ratio) lowest entries outside the prefix rows and columns (one image)."""
+    """The int(N * N * ratio) lowest of all N * N entries (prefix rows and columns ranked too; equal values in
+    row-major order) selected, and those outside the prefix rows and columns zeroed (one image)."""
     fused = fused.copy()
     n = fused.shape[0]
     if ratio <= 0:
         return fused
-    candidates = sorted((fused[r, c], r * n + c) for r in range(prefix, n) for c in range(prefix, n))
-    for _, flat in candidates[: int(n * n * ratio)]:
-        fused[flat // n, flat % n] = 0.0
+    ranked = sorted((fused[r, c], r, c) for r in range(n) for c in range(n))
+    for _, r, c in ranked[: int(n * n * ratio)]:
+        if r >= prefix and c >= prefix:
+            fused[r, c] = 0.0
     return fused
 
 

@@ -8,19 +8,26 @@ from service.explain.methods._tokens import HeadFusion, TokenChoice, fuse_heads
 
 
 def discard_lowest(attention: torch.Tensor, ratio: float, num_prefix_tokens: int) -> torch.Tensor:
-    """Zero the `ratio` lowest entries of each image's (N, N) matrix, never touching prefix-token rows/columns."""
-    if ratio <= 0.0:
-        return attention
+    """Each image's (N, N) matrix of a (B, N, N) batch with its lowest entries zeroed, as in Abnar & Zuidema's and
+    jacobgil's vit-explain rollout: the k = int(ratio * N^2) lowest of ALL N^2 entries are selected (prefix-token
+    rows and columns are ranked too), and those of them outside the prefix-token rows and columns are set to zero.
+    The prefix-token rows and columns are never changed, so k minus the prefix entries that fall among the lowest
+    are zeroed. Ties are broken by position, the same on every device: of equal values the one earlier in row-major
+    order (lower row, then lower column) counts as the lower, as a stable sort of the flattened matrix orders them.
+    Batched on the tensor's own device, O(N^2) per image (a selection, no sort); a ratio of 0 returns the input."""
     batch, n, _ = attention.shape
-    protected = torch.zeros((n, n), dtype=torch.bool, device=attention.device)
-    protected[:num_prefix_tokens, :] = True
-    protected[:, :num_prefix_tokens] = True
-    count = min(int(n * n * ratio), int((~protected).sum()))
-    if count == 0:
+    count = int(n * n * ratio)
+    if ratio <= 0.0 or count == 0:
         return attention
-    candidates = attention.masked_fill(protected, float("inf")).reshape(batch, n * n)
-    lowest = candidates.topk(count, dim=1, largest=False).indices
-    return attention.reshape(batch, n * n).scatter(1, lowest, 0.0).reshape(batch, n, n)
+    flat = attention.reshape(batch, n * n)
+    threshold = flat.kthvalue(count, dim=1, keepdim=True).values  # the k-th lowest value of each image
+    below, tied = flat < threshold, flat == threshold
+    # every entry below the threshold, then the first (row-major) of those equal to it, k in all
+    selected = below | (tied & (tied.cumsum(dim=1) <= count - below.sum(dim=1, keepdim=True)))
+    prefix = torch.zeros((n, n), dtype=torch.bool, device=attention.device)
+    prefix[:num_prefix_tokens, :] = True
+    prefix[:, :num_prefix_tokens] = True
+    return attention.masked_fill(selected.reshape(batch, n, n) & ~prefix, 0.0)
 
 
 def add_residual_and_normalise(attention: torch.Tensor) -> torch.Tensor:

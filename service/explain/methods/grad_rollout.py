@@ -27,8 +27,9 @@ class GradRolloutParams(BaseModel):
     )
     discard_ratio: float = Field(
         default=0.0, ge=0.0, lt=1.0,
-        description="Fraction of the lowest entries of each fused matrix set to zero (prefix-token rows and "
-        "columns are never discarded).",
+        description="Fraction of the entries of each fused (N, N) matrix discarded: the int(ratio * N^2) lowest, "
+        "ranked over the whole matrix, are set to zero, except those in prefix-token rows and columns (ranked, "
+        "never zeroed).",
     )
     start_layer: int = Field(default=0, description="First block of the product; negative counts from the last.")
 

@@ -29,8 +29,9 @@ class RawAttentionParams(BaseModel):
     token: TokenChoice = Field(default="cls", description=TOKEN_DESCRIPTION)
     discard_ratio: float = Field(
         default=0.0, ge=0.0, lt=1.0,
-        description="Fraction of the lowest entries of the fused matrix set to zero before the row is taken; "
-        "prefix-token rows and columns are never discarded, so it only changes `token: mean` maps.",
+        description="Fraction of the entries of the fused (N, N) matrix discarded before the row is taken: the "
+        "int(ratio * N^2) lowest, ranked over the whole matrix, are set to zero, except those in prefix-token rows "
+        "and columns (ranked, never zeroed), so it only changes `token: mean` maps.",
     )
 
 

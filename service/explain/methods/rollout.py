@@ -25,8 +25,9 @@ class RolloutParams(BaseModel):
     head_fusion: HeadFusion = Field(default="mean", description="How the heads are fused: mean, max or min.")
     discard_ratio: float = Field(
         default=0.0, ge=0.0, lt=1.0,
-        description="Fraction of the lowest entries of each fused matrix set to zero (prefix-token rows and "
-        "columns are never discarded).",
+        description="Fraction of the entries of each fused (N, N) matrix discarded: the int(ratio * N^2) lowest, "
+        "ranked over the whole matrix, are set to zero, except those in prefix-token rows and columns (ranked, "
+        "never zeroed).",
     )
     start_layer: int = Field(default=0, description="First block of the product; negative counts from the last.")
     token: TokenChoice = Field(default="cls", description=TOKEN_DESCRIPTION)
