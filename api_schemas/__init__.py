@@ -9,15 +9,19 @@ from typing import TYPE_CHECKING, Any
 
 from api_schemas.errors import ErrorDetail, ErrorResponse
 from api_schemas.explain import (
+    CandidateScore,
     CropBox,
+    EvaluationMetricInfo,
     ExplainJsonRequest,
     ExplainOptions,
     ExplainResponse,
     LayerMap,
+    MapEvaluation,
     MapStatistics,
     MethodInfo,
     MethodListResponse,
     MethodResult,
+    MethodSelection,
     MethodSpec,
     OutputOptions,
     Peak,
@@ -55,15 +59,19 @@ from api_schemas.v2 import (
 )
 
 __all__ = [
+    "CandidateScore",
     "CropBox",
+    "EvaluationMetricInfo",
     "ExplainJsonRequest",
     "ExplainOptions",
     "ExplainResponse",
     "LayerMap",
+    "MapEvaluation",
     "MapStatistics",
     "MethodInfo",
     "MethodListResponse",
     "MethodResult",
+    "MethodSelection",
     "MethodSpec",
     "OutputOptions",
     "Peak",

@@ -11,6 +11,7 @@ from api_schemas.predict import MAX_TOP_K, ONE_PIXEL_PNG_BASE64, ClassScore, Tim
 
 OutputFormat = Literal["heatmap_png", "overlay_png", "gray_png", "raw"]
 OutputSpace = Literal["original", "input", "tokens"]
+EvaluationMetric = Literal["deletion", "insertion", "positive_perturbation", "negative_perturbation"]
 MAX_TARGETS = 10
 
 
@@ -70,16 +71,35 @@ class OutputOptions(BaseModel):
         min_length=1,
         description="Any of: `heatmap_png` (colormapped RGBA PNG, transparent where the model saw nothing), "
         "`overlay_png` (heatmap blended over the image; unseen pixels darkened), `gray_png` (16-bit grayscale PNG: "
-        "0 = unseen, 1..65535 = normalised saliency 0..1), `raw` (float32 array of the unnormalised map, NaN where "
-        "unseen).",
+        "0 = unseen, 1..65535 = the map's `value_range` low..high, linearly), `raw` (float32 array of the "
+        "unnormalised map, NaN where unseen, whatever `sign` says).",
     )
     space: OutputSpace = Field(
         default="original",
         description="`original`: on the original image at its resolution (bounded by `max_side`); `input`: on the "
         "model's input crop; `tokens`: the patch grid / feature-map grid, no upsampling.",
     )
-    colormap: str = Field(default="jet", description="A matplotlib colormap name.", examples=["jet", "viridis"])
-    alpha: float = Field(default=0.5, ge=0.0, le=1.0, strict=True, description="Heatmap opacity in `overlay_png`.")
+    colormap: str | None = Field(
+        default=None,
+        description="A matplotlib colormap name. Default: `jet`, or the diverging `RdBu_r` (blue below zero, white at "
+        "zero, red above) for maps rendered `signed`; a colormap named here is used for every map, with zero at its "
+        "middle colour for signed ones.",
+        examples=["jet", "viridis", "RdBu_r"],
+    )
+    sign: Literal["auto", "positive", "absolute", "signed"] = Field(
+        default="auto",
+        description="How negative values are drawn in the PNG formats (`raw` is the map as computed, whatever this "
+        "says). `positive`: negatives clipped to 0, colours scaled from max(min, 0) to max (a non-negative map is "
+        "min-max scaled); `absolute`: |map|, scaled from 0 to max |map|; `signed`: symmetric scale from -m to +m, "
+        "m = max |map|, so 0 is the colormap's middle; in `overlay_png` the heatmap's opacity grows from 0 at 0 to "
+        "`alpha` at -m and +m, so the photo shows where the map is near 0; in `gray_png` -m..+m is 1..65535 (0 is "
+        "32768). `auto` (default): `signed` for a map with material negative values (min < -1e-6 x max |map| on "
+        "the grid), else `positive`, decided per map. Each map reports the `sign` and `value_range` it got.",
+    )
+    alpha: float = Field(
+        default=0.5, ge=0.0, le=1.0, strict=True,
+        description="Heatmap opacity in `overlay_png` (for `signed` maps: at the extremes, fading to 0 at zero).",
+    )
     max_side: int | None = Field(
         default=None, ge=8, le=8192, strict=True,
         description="Longest side of `original`-space maps; default: the server's configured bound.",
@@ -119,6 +139,13 @@ class ExplainOptions(BaseModel):
     )
     output: OutputOptions = Field(default_factory=OutputOptions)
     top_k: int = Field(default=5, ge=1, le=MAX_TOP_K, strict=True, description="How many predictions to return.")
+    evaluate: list[EvaluationMetric] = Field(
+        default_factory=list, max_length=4,
+        description="Faithfulness metrics to measure on the model for every map (not per-layer maps): `deletion`, "
+        "`insertion` (RISE) and `positive_perturbation`, `negative_perturbation` (Chefer et al. 2021). Each costs "
+        "forward passes per map (see `evaluation_metrics` of GET /v1/methods), counted in the request's cost.",
+        examples=[["deletion", "insertion"]],
+    )
 
 
 class ExplainJsonRequest(ExplainOptions):
@@ -153,10 +180,19 @@ class RawArray(BaseModel):
 
 
 class Peak(BaseModel):
-    """Where the map is highest."""
+    """Where the map is highest: the grid cell holding its maximum (the first, row-major, on a tie) and that cell's
+    centre on the original image."""
 
-    grid: list[int] = Field(description="[row, col] in the token / feature-map grid.", examples=[[3, 7]])
-    original: list[float] = Field(description="[x, y] of that cell's centre in original-image pixels.")
+    row: int = Field(description="Row of the cell in the token / feature-map grid, from 0 at the top.", examples=[3])
+    col: int = Field(description="Column of the cell in the grid, from 0 at the left.", examples=[7])
+    x: float = Field(
+        description="Horizontal position of the cell's centre in original-image pixels, from the left edge.",
+        examples=[241.5],
+    )
+    y: float = Field(
+        description="Vertical position of the cell's centre in original-image pixels, from the top edge.",
+        examples=[112.0],
+    )
 
 
 class MapStatistics(BaseModel):
@@ -179,6 +215,19 @@ class RenderedMap(BaseModel):
 
     width: int
     height: int
+    sign: Literal["positive", "absolute", "signed"] = Field(
+        description="How the PNGs drew the map's sign (the request's `output.sign`, with `auto` resolved for this "
+        "map): `positive` (negatives clipped to 0), `absolute` (|map|) or `signed` (diverging, 0 at the middle).",
+        examples=["signed"],
+    )
+    value_range: list[float] = Field(
+        min_length=2, max_length=2,
+        description="[low, high] of the colour scale in map units (for `absolute`, units of |map|), for a colour "
+        "bar: `low` is the colormap's first colour and gray 1, `high` its last colour and gray 65535, linearly "
+        "between; `signed` has low = -high, 0 at the middle. low = high: a constant map, drawn in the first colour "
+        "(the middle one for `signed`).",
+        examples=[[-0.8, 0.8]],
+    )
     heatmap_png: str | None = Field(default=None, description="base64 PNG")
     overlay_png: str | None = Field(default=None, description="base64 PNG")
     gray_png: str | None = Field(default=None, description="base64 16-bit PNG")
@@ -221,12 +270,46 @@ class LayerMap(RenderedMap):
     layer: int
 
 
+class MapEvaluation(BaseModel):
+    """Faithfulness of one map, measured on the model (requested with `evaluate`): each metric is the area under the
+    probability of class `target` while the input is perturbed in the map's order (0..1; see
+    `evaluation_metrics` of GET /v1/methods for the protocol and which direction is better)."""
+
+    target: int = Field(description="The class whose probability was followed: the map's target, or the image's "
+                        "first target (the top-1 class by default) for a class-agnostic map.")
+    deletion: float | None = Field(default=None, description="Lower is better.")
+    insertion: float | None = Field(default=None, description="Higher is better.")
+    positive_perturbation: float | None = Field(default=None, description="Lower is better.")
+    negative_perturbation: float | None = Field(default=None, description="Higher is better.")
+
+
+class CandidateScore(BaseModel):
+    """One candidate of `auto` and how faithful its map was on this image."""
+
+    method: str
+    params: dict[str, Any] = Field(description="The candidate's params, defaults filled in.")
+    deletion: float = Field(description="RISE deletion AUC (lower is better), in the selection's `steps`.")
+    insertion: float = Field(description="RISE insertion AUC (higher is better).")
+    score: float = Field(description="What the selection maximised (see `score_rule`).")
+
+
+class MethodSelection(BaseModel):
+    """How `auto` chose this map: every candidate's scores on this image, and the winner."""
+
+    winner: int = Field(description="Index of the chosen candidate in `candidates`.")
+    score_rule: Literal["insertion_minus_deletion", "insertion", "deletion"]
+    steps: int = Field(description="Deletion/insertion steps each candidate was scored with.")
+    candidates: list[CandidateScore]
+
+
 class TargetExplanation(BaseModel):
     """The map of one method for one target class (target is null for class-agnostic methods)."""
 
     target: ClassScore | None
     map: RenderedMap
     layers: list[LayerMap] | None = Field(default=None, description="Per-layer maps, for layer-wise methods.")
+    evaluation: MapEvaluation | None = Field(default=None, description="The map's faithfulness, when requested.")
+    selection: MethodSelection | None = Field(default=None, description="`auto` only: how this map was chosen.")
 
     def to_array(self) -> Any:
         """The map as a numpy float32 array (see RenderedMap.to_array)."""
@@ -314,7 +397,18 @@ class MethodInfo(BaseModel):
     )
 
 
+class EvaluationMetricInfo(BaseModel):
+    """One faithfulness metric a request may ask for with `evaluate`."""
+
+    name: EvaluationMetric
+    description: str
+    higher_is_better: bool
+    forward_passes: int = Field(description="Forward passes of the model per evaluated map (the metric's cost, "
+                                "added to the request's estimated cost).")
+
+
 class MethodListResponse(BaseModel):
-    """Every registered explanation method."""
+    """Every registered explanation method, and the faithfulness metrics a request may ask for."""
 
     methods: list[MethodInfo]
+    evaluation_metrics: list[EvaluationMetricInfo] = Field(default_factory=list)

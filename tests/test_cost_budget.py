@@ -97,7 +97,7 @@ def test_attention_flow_cost_grows_with_tokens_and_shrinks_with_discard_ratio() 
 
 def test_cheap_methods_cost_their_relative_cost_once_per_target_when_class_specific() -> None:
     for name, method in all_methods().items():
-        if name in {"integrated_gradients", "smoothgrad", "vit_cx", "value_zeroing", "attention_flow",
+        if name in {"auto", "integrated_gradients", "smoothgrad", "vit_cx", "value_zeroing", "attention_flow",
                     "norm_attention"}:
             continue
         one, three = units(name), units(name, ctx=context(targets=3))

@@ -25,9 +25,10 @@ BOX = (11 / 0.6, 2 / 0.6, 43 / 0.6, 34 / 0.6)
 
 
 def smooth_map(rows: int = 4, cols: int = 4) -> torch.Tensor:
+    """A positive map (every value >= 0.3), so `auto` renders it min-max as a CAM (tests/test_signed_maps.py: signs)."""
     r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float32), torch.arange(cols, dtype=torch.float32),
                           indexing="ij")
-    return torch.sin(r * 1.3 + 0.4) + torch.cos(c * 0.9) * 0.7 + 0.05 * r * c
+    return torch.sin(r * 1.3 + 0.4) + torch.cos(c * 0.9) * 0.7 + 0.05 * r * c + 2.0
 
 
 def photo(size: tuple[int, int] = (90, 60), seed: int = 0) -> Image.Image:
@@ -243,9 +244,9 @@ def test_statistics_one_hot() -> None:
     stats = map_statistics(saliency, GEOMETRY)
     assert (stats.min, stats.max) == (0.0, 5.0)
     assert stats.entropy == pytest.approx(0.0, abs=1e-12) and stats.top10_mass == pytest.approx(1.0)
-    assert stats.peak.grid == [1, 2]
+    assert (stats.peak.row, stats.peak.col) == (1, 2)
     # Cell (1, 2) centre in input pixels: (2.5 * 8, 1.5 * 8) = (20, 12); original = ((20 + 11) / 0.6, (12 + 2) / 0.6).
-    assert stats.peak.original == pytest.approx([31 / 0.6, 14 / 0.6])
+    assert (stats.peak.x, stats.peak.y) == pytest.approx((31 / 0.6, 14 / 0.6))
 
 
 def test_statistics_uniform_and_shifted() -> None:
@@ -255,11 +256,12 @@ def test_statistics_uniform_and_shifted() -> None:
     assert map_statistics(torch.ones(5, 6), GEOMETRY).top10_mass == pytest.approx(3 / 30)
     assert map_statistics(torch.ones(1, 31), GEOMETRY).top10_mass == pytest.approx(4 / 31)
     single = map_statistics(torch.tensor([[4.0]]), GEOMETRY)
-    assert single.entropy == 0.0 and single.top10_mass == pytest.approx(1.0) and single.peak.grid == [0, 0]
+    assert single.entropy == 0.0 and single.top10_mass == pytest.approx(1.0)
+    assert (single.peak.row, single.peak.col) == (0, 0)
 
 
 def test_statistics_match_numpy() -> None:
-    saliency = smooth_map(3, 5) - 0.8  # has negative cells
+    saliency = smooth_map(3, 5) - 2.8  # has negative cells
     grid = saliency.numpy().astype(np.float64)
     p = (grid - grid.min()).ravel()
     p /= p.sum()
@@ -269,9 +271,9 @@ def test_statistics_match_numpy() -> None:
     assert stats.entropy == pytest.approx(-(nonzero * np.log(nonzero)).sum() / math.log(15))
     assert stats.top10_mass == pytest.approx(np.sort(p)[-2:].sum())
     row, col = np.unravel_index(grid.argmax(), grid.shape)
-    assert stats.peak.grid == [row, col]
+    assert (stats.peak.row, stats.peak.col) == (row, col)
     u, v = (col + 0.5) * 32 / 5, (row + 0.5) * 32 / 3
-    assert stats.peak.original == pytest.approx([(u + 11) / 0.6, (v + 2) / 0.6])
+    assert (stats.peak.x, stats.peak.y) == pytest.approx(((u + 11) / 0.6, (v + 2) / 0.6))
     assert render_map(saliency, GEOMETRY, photo(), options("tokens", formats=("raw",))).statistics == stats
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from pydantic import BaseModel
 
 from service.explain.captures import CaptureBatch, CaptureNeeds, ModelRunner, WorkAbandoned, record
+from service.explain.evaluation import MapToEvaluate, evaluate_maps
 from service.explain.registry import ExplainMethod
 from service.explain.targets import TargetRequest
 from service.model.served import ServedModel
@@ -61,6 +62,7 @@ class ExplainJob:
     pixels: torch.Tensor  # (C, H, W) float32, normalised
     methods: tuple[MethodRequest, ...]
     target: TargetRequest
+    evaluate: tuple[str, ...] = ()  # faithfulness metrics (service.explain.evaluation) to measure on every map
 
 
 @dataclass
@@ -72,6 +74,9 @@ class MethodMaps:
     layer_indices: tuple[int, ...] | None
     compute_ms: float
     statistics: list[dict[str, float] | None] = field(default_factory=list)  # per map: extra map statistics
+    evaluations: list[dict[str, float]] = field(default_factory=list)  # per map: faithfulness scores, if asked
+    details: list[dict[str, Any] | None] = field(default_factory=list)  # per map: how a choosing method chose it
+    evaluated_targets: list[int] = field(default_factory=list)  # per evaluated map: the class followed
 
 
 @dataclass
@@ -256,9 +261,40 @@ def _compute_group(
             result.maps.append(maps[row])
             result.layers.append(None if layer_maps is None else layer_maps[row])
             result.statistics.append(None if output.statistics is None else output.statistics[row])
+            result.details.append(None if output.details is None else output.details[row])
             result.layer_indices = output.layer_indices
             result.compute_ms += elapsed_ms
     return results
+
+
+def _evaluate(
+    jobs: Sequence[ExplainJob], captures: CaptureBatch, targets: list[list[int]],
+    maps: dict[tuple[int, int], MethodMaps], batch: BatchControl, abandoned: dict[int, WorkAbandoned],
+) -> None:
+    """Faithfulness scores of every map of the jobs that asked for them, filled into their MethodMaps: the perturbed
+    copies of every map of the batch run through one ModelRunner, in chunks. A class-agnostic map follows the
+    image's first target. Stops like a method pass when none of these jobs is wanted any more."""
+    asking = [i for i, job in enumerate(jobs) if job.evaluate and i not in abandoned]
+    metrics = tuple(dict.fromkeys(name for i in asking for name in jobs[i].evaluate))
+    if not asking or captures.runner is None:
+        return
+    items, owners = [], []
+    for i in asking:
+        for m, request in enumerate(jobs[i].methods):
+            method_maps = maps[(i, m)]
+            classes = targets[i] if request.method.class_specific else targets[i][:1]
+            for saliency, target in zip(method_maps.maps, classes):
+                items.append(MapToEvaluate(captures.pixels[i], saliency.to(captures.pixels.device), target))
+                owners.append((method_maps, jobs[i].evaluate, target))
+    runner = captures.runner.with_checkpoint(_pass_checkpoint(batch, asking))
+    try:
+        scores = evaluate_maps(runner, items, metrics)
+    except WorkAbandoned as stopped:
+        abandoned.update(dict.fromkeys(asking, stopped))
+        return
+    for (method_maps, wanted, target), score in zip(owners, scores):
+        method_maps.evaluations.append({name: score[name] for name in wanted})
+        method_maps.evaluated_targets.append(target)
 
 
 def _outcomes(
@@ -294,4 +330,5 @@ def run_explain_batch(
     abandoned: dict[int, WorkAbandoned] = {}
     for group in groups:
         maps.update(_compute_group(served, group, captures, slots, targets, batch, abandoned))
+    _evaluate(jobs, captures, targets, maps, batch, abandoned)
     return _outcomes(jobs, probabilities, targets, maps, abandoned)

@@ -4,7 +4,7 @@ are the explicit import list of `service.explain.methods`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Generic, Literal, TypeVar
+from typing import Any, Callable, Generic, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel
@@ -74,6 +74,8 @@ class MethodOutput:
     layer_indices: tuple[int, ...] | None = None
     # per image, extra map statistics (names of optional api_schemas.MapStatistics fields, e.g. completeness_gap)
     statistics: tuple[dict[str, float], ...] | None = None
+    # per image, how a choosing method (auto) chose its map: api_schemas.MethodSelection's fields
+    details: tuple[dict[str, Any], ...] | None = None
 
 
 @dataclass(frozen=True)

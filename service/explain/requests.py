@@ -12,6 +12,7 @@ from torch import nn
 from api_schemas import MethodSpec
 from api_schemas.errors import validation_message
 from service.model.anatomy import ModelAnatomy
+from service.explain.evaluation import forward_passes
 from service.explain.pipeline import MethodRequest
 from service.explain.registry import CostContext, CostEstimate, all_methods
 
@@ -89,29 +90,44 @@ def module_channels(network: nn.Module) -> Callable[[str], int]:
 
 @dataclass(frozen=True)
 class RequestCost:
-    """The cost of one request's image: each method's estimate, in order, and their sum (forward passes; an upper
-    bound, since the methods share the recording forward pass and the backward pass per target)."""
+    """The cost of one request's image: each method's estimate, in order, the faithfulness evaluation of their maps,
+    and the sum (forward passes; an upper bound, since the methods share the recording forward pass and the
+    backward pass per target)."""
 
     methods: tuple[tuple[str, CostEstimate], ...]
+    evaluation: CostEstimate | None = None
 
     @property
     def units(self) -> float:
-        return sum(estimate.units for _, estimate in self.methods)
+        return sum(estimate.units for _, estimate in self.methods) + (self.evaluation.units if self.evaluation else 0)
 
 
-def request_cost(requests: Sequence[MethodRequest], context: CostContext) -> RequestCost:
-    return RequestCost(tuple((r.method.name, r.method.estimate_cost(r.params, context)) for r in requests))
+def request_cost(
+    requests: Sequence[MethodRequest], context: CostContext, evaluate: Sequence[str] = ()
+) -> RequestCost:
+    """Each method's estimate and, with `evaluate`, the evaluation's: its forward passes per map times the maps
+    evaluated (one per target for class-specific methods, one otherwise; per-layer maps are not evaluated)."""
+    evaluation = None
+    if evaluate:
+        maps = sum(context.targets if r.method.class_specific else 1 for r in requests)
+        passes = forward_passes(evaluate)
+        evaluation = CostEstimate(maps * passes, f"{passes} passes ({' + '.join(evaluate)}) x {maps} map(s)")
+    return RequestCost(tuple((r.method.name, r.method.estimate_cost(r.params, context)) for r in requests),
+                       evaluation)
 
 
 def check_request_cost(cost: RequestCost, limit: float) -> None:
     """BudgetError naming the estimate, the limit and each method's share (largest first) when over `limit`."""
     if cost.units <= limit:
         return
-    shares = sorted(enumerate(cost.methods), key=lambda item: -item[1][1].units)
-    parts = ", ".join(f"methods[{i}] {name}: {estimate.units:.4g} = {estimate.basis}" for i, (name, estimate) in shares)
+    named = [(f"methods[{i}] {name}", estimate) for i, (name, estimate) in enumerate(cost.methods)]
+    if cost.evaluation is not None:
+        named.append(("evaluate", cost.evaluation))
+    shares = sorted(named, key=lambda item: -item[1].units)
+    parts = ", ".join(f"{name}: {estimate.units:.4g} = {estimate.basis}" for name, estimate in shares)
     raise BudgetError(
         f"estimated cost {cost.units:.4g} forward passes exceeds this model's max_request_cost {limit:g} ({parts}); "
-        "ask for fewer targets or methods, or smaller steps/samples/masks"
+        "ask for fewer targets, methods or evaluation metrics, or smaller steps/samples/masks"
     )
 
 

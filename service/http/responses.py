@@ -16,9 +16,11 @@ from api_schemas import (
     CropBox,
     ExplainResponse,
     LayerMap,
+    MapEvaluation,
     MapStatistics,
     MethodInfo,
     MethodResult,
+    MethodSelection,
     ModelInfo,
     PredictResponse,
     Preprocessing,
@@ -142,7 +144,13 @@ def build_explanations(
         targets = outcome.targets if class_specific else [None]
         explained = []
         extras = maps.statistics or [None] * len(maps.maps)
-        for target, saliency, layers, extra in zip(targets, maps.maps, maps.layers, extras):
+        evaluations = [MapEvaluation(target=t, **scores) for t, scores in zip(maps.evaluated_targets, maps.evaluations)]
+        evaluations += [None] * (len(maps.maps) - len(evaluations))
+        selections = [None if d is None else MethodSelection.model_validate(d) for d in maps.details]
+        selections += [None] * (len(maps.maps) - len(selections))
+        for target, saliency, layers, extra, evaluation, selection in zip(
+            targets, maps.maps, maps.layers, extras, evaluations, selections
+        ):
             layer_maps = None
             if layers is not None:
                 layer_maps = [
@@ -156,6 +164,8 @@ def build_explanations(
                 target=None if target is None else class_score(target, outcome.probabilities, labels),
                 map=rendered,
                 layers=layer_maps,
+                evaluation=evaluation,
+                selection=selection,
             ))
         results.append(MethodResult(
             method=request.method.name, params=request.params.model_dump(), class_specific=class_specific,

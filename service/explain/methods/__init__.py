@@ -8,6 +8,7 @@ Private `_*.py` modules hold what several methods share; they register nothing.
 from service.explain.methods import (  # noqa: F401  (imported for their registrations)
     attention_flow,
     attention_layers,
+    auto,
     cam,
     gae,
     grad_rollout,

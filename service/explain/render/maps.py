@@ -3,6 +3,15 @@
 Shared by every explanation method. A map is projected into the requested space (`tokens`: as is; `input`: upsampled
 over the model's input crop; `original`: resampled onto the original image, bounded by `max_side`, where pixels the
 model never saw are marked unseen), then encoded in each requested format.
+
+Colours: each map gets a sign rendering (`output.sign`, `auto` resolved per map from the map's grid) that fixes the
+colour scale [low, high] in map units; the PNGs draw low..high as the colormap's first..last colour (gray 1..65535):
+- `positive`: negatives clipped to 0, low = max(min, 0), high = max: for a non-negative map, min-max as ever;
+- `absolute`: |map|, low = 0, high = max |map|;
+- `signed`: low = -m, high = m, m = max |map|, so 0 is the colormap's middle (a diverging one, `RdBu_r`, unless the
+  request names a colormap); `overlay_png` blends it with opacity alpha * |value| / m, so where the map is near 0 the
+  photo shows through, and at -m or +m the heatmap has the request's `alpha`.
+The scale is taken over the seen pixels of the projected map (what is drawn); `raw` is the projected map as is.
 """
 
 from __future__ import annotations
@@ -26,6 +35,10 @@ UNSEEN_BRIGHTNESS = 0.35  # overlay_png: brightness of pixels the model never sa
 PNG_COMPRESS_LEVEL = 1  # speed over size
 RESIZE_REDUCING_GAP = 3.0  # PIL's fast pre-reduction for large downscales of the photo (overlay only)
 CONSTANT_RTOL = 1e-6  # a seen range below this fraction of the magnitude is float noise: the map is constant
+SIGNED_RTOL = 1e-6  # `auto`: a map is signed when its minimum is below -SIGNED_RTOL x its largest magnitude
+COLORMAP = "jet"  # the default colormap of `positive` and `absolute` renderings
+SIGNED_COLORMAP = "RdBu_r"  # the default of `signed` ones: diverging, blue < 0, near-white at 0, red > 0
+SIGNS = ("auto", "positive", "absolute", "signed")
 SPACES = ("original", "input", "tokens")
 FORMATS = ("heatmap_png", "overlay_png", "gray_png", "raw")
 
@@ -36,21 +49,29 @@ class RenderOptions:
 
     formats: tuple[str, ...]
     space: str  # original | input | tokens
-    colormap: str
+    colormap: str  # for `positive` and `absolute` renderings
     alpha: float
     max_side: int
+    sign: str = "auto"  # auto | positive | absolute | signed
+    signed_colormap: str = SIGNED_COLORMAP  # for `signed` renderings
 
 
 def render_options(output: OutputOptions, default_max_side: int) -> RenderOptions:
-    """Validate the request's output options; `default_max_side` applies when the request sets none."""
-    if output.colormap not in matplotlib.colormaps:
+    """Validate the request's output options; `default_max_side` applies when the request sets none. A colormap the
+    request names is used for every sign; without one, `positive` and `absolute` get COLORMAP, `signed` the diverging
+    SIGNED_COLORMAP."""
+    if output.colormap is not None and output.colormap not in matplotlib.colormaps:
         raise ValueError(f"unknown colormap {output.colormap!r}: use a matplotlib colormap name such as 'jet'")
+    if output.sign not in SIGNS:
+        raise ValueError(f"unknown sign {output.sign!r}; expected one of {SIGNS}")
     return RenderOptions(
         formats=tuple(dict.fromkeys(output.format)),  # deduplicated, order kept
         space=output.space,
-        colormap=output.colormap,
+        colormap=output.colormap or COLORMAP,
         alpha=float(output.alpha),
         max_side=int(output.max_side if output.max_side is not None else default_max_side),
+        sign=output.sign,
+        signed_colormap=output.colormap or SIGNED_COLORMAP,
     )
 
 
@@ -118,7 +139,7 @@ def map_statistics(saliency: torch.Tensor, geometry: CropGeometry) -> MapStatist
         max=high,
         entropy=min(1.0, max(0.0, entropy)),
         top10_mass=min(1.0, max(0.0, top10_mass)),
-        peak=Peak(grid=[row, col], original=[peak_x, peak_y]),
+        peak=Peak(row=row, col=col, x=peak_x, y=peak_y),
     )
 
 
@@ -131,17 +152,47 @@ def colormap_lut(name: str) -> np.ndarray:
     return lut
 
 
-def normalise(values: np.ndarray, seen: np.ndarray) -> np.ndarray:
-    """Min-max normalise to [0, 1] over the seen pixels (0 where unseen; all 0 for a constant map)."""
+def resolve_sign(sign: str, low: float, high: float) -> str:
+    """The sign rendering of a map whose grid spans [low, high]: `auto` is `signed` when the map has material
+    negative values (low < -SIGNED_RTOL x max(|low|, |high|)), else `positive`; any other choice stands."""
+    if sign != "auto":
+        return sign
+    return "signed" if low < -SIGNED_RTOL * max(abs(low), abs(high)) else "positive"
+
+
+def colour_scale(values: np.ndarray, seen: np.ndarray, sign: str) -> tuple[np.ndarray, float, float]:
+    """(norm, low, high): the colour scale [low, high] of the seen pixels for `sign` (positive | absolute | signed)
+    and the values placed on it, clipped to [0, 1] (0 where unseen). A map with no range is all 0 (`signed`: an
+    all-zero map is all 0.5, the middle)."""
     norm = np.zeros(values.shape, dtype=np.float32)
     if not seen.any():
-        return norm
-    low, high = float(values[seen].min()), float(values[seen].max())
+        return norm, 0.0, 0.0
+    if sign == "signed":
+        bound = float(np.abs(values[seen]).max())
+        if bound > 0.0:
+            np.clip(0.5 + 0.5 * (values / bound), 0.0, 1.0, out=norm)
+        else:
+            norm.fill(0.5)
+        norm[~seen] = 0.0
+        return norm, -bound, bound
+    if sign == "absolute":
+        magnitude = np.abs(values)
+        high = float(magnitude[seen].max())
+        if high > 0.0:
+            np.clip(magnitude / high, 0.0, 1.0, out=norm)
+            norm[~seen] = 0.0
+        return norm, 0.0, high
+    if sign != "positive":
+        raise ValueError(f"unknown sign {sign!r}; expected positive, absolute or signed")
+    # Negatives clip to 0; a non-negative map is min-max normalised, exactly as before signs were offered.
+    low, high = max(float(values[seen].min()), 0.0), max(float(values[seen].max()), 0.0)
     # Interpolating a constant map leaves float32 rounding noise: treat a range that small as constant.
     if high - low > CONSTANT_RTOL * max(abs(low), abs(high)):
         np.clip((values - low) / (high - low), 0.0, 1.0, out=norm)
         norm[~seen] = 0.0
-    return norm
+    else:
+        high = low
+    return norm, low, high
 
 
 def model_view(image: Image.Image, geometry: CropGeometry, space: str, size: tuple[int, int]) -> Image.Image:
@@ -169,16 +220,19 @@ def render_map(
     unknown = [f for f in options.formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"unknown output format(s) {unknown}; expected any of {FORMATS}")
+    statistics = map_statistics(saliency, geometry)
+    sign = resolve_sign(options.sign, statistics.min, statistics.max)
     projected, seen_t = project_map(saliency, geometry, options.space, options.max_side)
     values, seen = projected.numpy(), seen_t.numpy()
     height, width = values.shape
-    norm = normalise(values, seen)
+    norm, low, high = colour_scale(values, seen, sign)
     heatmap_png: str | None = None
     overlay_png: str | None = None
     gray_png: str | None = None
     raw_array: RawArray | None = None
     if "heatmap_png" in options.formats or "overlay_png" in options.formats:
-        colours = colormap_lut(options.colormap)[np.rint(norm * 255.0).astype(np.uint8)]  # (H, W, 3)
+        colormap = options.signed_colormap if sign == "signed" else options.colormap
+        colours = colormap_lut(colormap)[np.rint(norm * 255.0).astype(np.uint8)]  # (H, W, 3)
         if "heatmap_png" in options.formats:
             rgba = np.zeros((height, width, 4), dtype=np.uint8)
             rgba[..., :3] = colours
@@ -189,7 +243,11 @@ def render_map(
             if image.size != geometry.original_size:
                 raise ValueError(f"image size {image.size} does not match the geometry's {geometry.original_size}")
             photo = np.asarray(model_view(image, geometry, options.space, (width, height)), dtype=np.float32)
-            blended = (1.0 - options.alpha) * photo + options.alpha * colours.astype(np.float32)
+            if sign == "signed":  # opacity alpha x |value| / m: the photo shows where the map is near 0
+                opacity = (options.alpha * np.abs(2.0 * norm - 1.0))[..., None]
+                blended = (1.0 - opacity) * photo + opacity * colours.astype(np.float32)
+            else:
+                blended = (1.0 - options.alpha) * photo + options.alpha * colours.astype(np.float32)
             overlay = np.where(seen[..., None], blended, photo * UNSEEN_BRIGHTNESS)
             overlay_png = png_base64(np.clip(np.rint(overlay), 0, 255).astype(np.uint8), PNG_COMPRESS_LEVEL)
     if "gray_png" in options.formats:
@@ -201,6 +259,6 @@ def render_map(
         raw[~seen] = np.nan
         raw_array = RawArray(shape=[height, width], data=base64.b64encode(raw.tobytes()).decode("ascii"))
     return RenderedMap(
-        width=width, height=height, heatmap_png=heatmap_png, overlay_png=overlay_png, gray_png=gray_png,
-        raw=raw_array, statistics=map_statistics(saliency, geometry),
+        width=width, height=height, sign=sign, value_range=[low, high], heatmap_png=heatmap_png,
+        overlay_png=overlay_png, gray_png=gray_png, raw=raw_array, statistics=statistics,
     )

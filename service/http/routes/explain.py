@@ -54,15 +54,15 @@ def _over_budget(exc: BudgetError) -> ApiError:
 
 
 def _within_budget(
-    requests: tuple[MethodRequest, ...], target: TargetRequest, rendering: RenderOptions, served: ServedModel,
-    state: ServiceState,
+    requests: tuple[MethodRequest, ...], target: TargetRequest, rendering: RenderOptions, evaluate: tuple[str, ...],
+    served: ServedModel, state: ServiceState,
 ) -> int:
     """422 over_budget when the methods' estimated cost exceeds the model's max_request_cost, or when maps of a
     size known before decoding (`input` and `tokens` space) could exceed max_response_bytes. Returns the number of
     maps the response will hold."""
     targets = 1 if target.index is not None else (target.top_k or 1)
     context = CostContext(anatomy=served.anatomy, targets=targets, layer_channels=module_channels(served.network))
-    cost = request_cost(requests, context)
+    cost = request_cost(requests, context, evaluate)
     maps = map_count(cost, requests, targets)
     try:
         check_request_cost(cost, state.settings.request_cost_limit(served.config))
@@ -94,7 +94,8 @@ async def explain(
     received_at = time.perf_counter()
     body = await read_image_request(request, ExplainOptions, ExplainJsonRequest, state.settings.max_body_bytes)
     requests, target, rendering = _validated(body.options, served, state.settings.max_map_side)
-    maps = _within_budget(requests, target, rendering, served, state)  # before decoding: no work if refused
+    evaluate = tuple(dict.fromkeys(body.options.evaluate))
+    maps = _within_budget(requests, target, rendering, evaluate, served, state)  # before decoding: no work if refused
     image, pixels = await state.decode_and_preprocess(served, body.image)
     if rendering.space == "original":  # the map size depends on the image's
         try:
@@ -106,7 +107,7 @@ async def explain(
         geometry = crop_geometry(served.transform, image.size)
     except UnsupportedTransformError as exc:
         raise ApiError(500, "unsupported_preprocessing", str(exc)) from None
-    result = await submit_or_raise(state.queues[served.id], ExplainJob(pixels, requests, target), request)
+    result = await submit_or_raise(state.queues[served.id], ExplainJob(pixels, requests, target, evaluate), request)
     explanations = await state.off_loop(
         build_explanations, result.value, requests, served.labels, geometry, image, rendering
     )
