@@ -376,6 +376,28 @@ class ExplainResponse(BaseModel):
         return self.method(method).map(rank)
 
 
+class MeasuredQuality(BaseModel):
+    """How a method fared in the shipped quality report (`saliency-server evaluate`, see the README) on the models of
+    one family; a figure is null where that part was not measured."""
+
+    family: Literal["vit", "cnn"]
+    models: list[str] = Field(description="The models measured (trained weights only).")
+    deletion_win_rate: float | None = Field(
+        default=None, description="Share of images on which its RISE deletion AUC beat a centred Gaussian map's.")
+    insertion_win_rate: float | None = Field(
+        default=None, description="Share of images on which its RISE insertion AUC beat a centred Gaussian map's.")
+    sanity_check: Literal["passed", "failed"] | None = Field(
+        default=None, description="Model-parameter randomisation (Adebayo et al. 2018): `passed` when its map "
+        "changes once the model's top layers are re-initialised, as a map that explains the model must.")
+    sanity_spearman: float | None = Field(
+        default=None, description="Spearman correlation of its map with the trained model's once the top stage is "
+        "re-initialised (low is good).")
+    pointing_game: float | None = Field(
+        default=None, description="Ground-truth benchmark: share of images whose map peak lies on the object.")
+    mass_inside: float | None = Field(
+        default=None, description="Ground-truth benchmark: mean share of the map's positive mass on the object.")
+
+
 class MethodInfo(BaseModel):
     """One explanation method."""
 
@@ -395,6 +417,9 @@ class MethodInfo(BaseModel):
         description="The estimate with default params and one target on the reference model, deit_tiny_patch16_224 "
         "at 224x224 (12 blocks of 197 tokens, 192 channels), in its forward passes.",
     )
+    measured_quality: list[MeasuredQuality] = Field(
+        default_factory=list, description="Its faithfulness, sanity and ground-truth figures from the shipped "
+        "quality report, per model family (see `quality_report`).")
 
 
 class EvaluationMetricInfo(BaseModel):
@@ -412,3 +437,5 @@ class MethodListResponse(BaseModel):
 
     methods: list[MethodInfo]
     evaluation_metrics: list[EvaluationMetricInfo] = Field(default_factory=list)
+    quality_report: str | None = Field(
+        default=None, description="Where the methods' `measured_quality` comes from: the command, date and models.")

@@ -1,4 +1,5 @@
-"""Command line: `saliency-server serve [--config FILE] [--host HOST] [--port PORT]` and `saliency-server bench`."""
+"""Command line: `saliency-server serve [--config FILE] [--host HOST] [--port PORT]`, `saliency-server bench` and
+`saliency-server evaluate`."""
 
 from __future__ import annotations
 
@@ -55,8 +56,23 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     add_bench_parser(commands)
 
 
-def _no_benchmarks(_: argparse.Namespace) -> int:
-    print("saliency-server bench: the `benchmarks` package is not installed; install the project from its "
+def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
+    """`evaluate` comes from the `benchmarks` package too (benchmarks.quality); without it the command says so."""
+    try:
+        from benchmarks.quality.cli import add_evaluate_parser
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "benchmarks":
+            raise
+        evaluate = commands.add_parser("evaluate", help="saliency quality evaluation (not installed here)",
+                                       prefix_chars="\0", add_help=False)
+        evaluate.add_argument("options", nargs="*")
+        evaluate.set_defaults(handler=lambda _: _no_benchmarks(_, "evaluate"))
+        return
+    add_evaluate_parser(commands)
+
+
+def _no_benchmarks(_: argparse.Namespace, command: str = "bench") -> int:
+    print(f"saliency-server {command}: the `benchmarks` package is not installed; install the project from its "
           "repository with `pip install -e '.[bench]'`", file=sys.stderr)
     return 2
 
@@ -70,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8000, or SALIENCY_PORT)")
     serve.set_defaults(handler=_serve)
     _add_bench_parser(commands)
+    _add_evaluate_parser(commands)
     return parser
 
 

@@ -18,6 +18,7 @@ from api_schemas import (
     LayerMap,
     MapEvaluation,
     MapStatistics,
+    MeasuredQuality,
     MethodInfo,
     MethodResult,
     MethodSelection,
@@ -34,6 +35,7 @@ from api_schemas import (
     WeightsInfo,
 )
 from service.explain.pipeline import ExplainOutcome, MethodRequest
+from service.explain.quality import shipped_quality
 from service.explain.registry import CostContext, ExplainMethod
 from service.explain.render.geometry import CropGeometry
 from service.explain.render.maps import RenderOptions, render_map
@@ -114,6 +116,7 @@ def method_info(method: ExplainMethod) -> MethodInfo:
         cost_note=method.cost_note,
         cost_formula=method.method_cost.formula,
         reference_cost=round(method.estimate_cost(method.params_model(), REFERENCE_CONTEXT).units, 3),
+        measured_quality=[MeasuredQuality.model_validate(f) for f in shipped_quality()[1].get(method.name, [])],
     )
 
 

@@ -4,6 +4,7 @@ from fastapi import APIRouter
 
 from api_schemas import EvaluationMetricInfo, MethodListResponse
 from service.explain.evaluation import METRICS
+from service.explain.quality import shipped_quality
 from service.explain.registry import all_methods
 from service.http.responses import method_info
 
@@ -19,4 +20,5 @@ async def list_methods() -> MethodListResponse:
                                  forward_passes=m.forward_passes)
             for m in METRICS.values()
         ],
+        quality_report=shipped_quality()[0],
     )
