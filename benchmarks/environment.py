@@ -68,7 +68,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "gpu": None,
         "cuda": torch.version.cuda,
         "versions": {name: _version(name) for name in PACKAGES},
-        "git": git_revision(Path(__file__).resolve().parents[2]),
+        "git": git_revision(Path(__file__).resolve().parents[1]),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
