@@ -202,6 +202,10 @@ class MapStatistics(BaseModel):
     max: float
     entropy: float = Field(description="Entropy of the map as a distribution (min-shifted), divided by log(cells).")
     top10_mass: float = Field(description="Share of the (min-shifted) mass held by the top 10% of cells.")
+    border_mass: float = Field(
+        description="Share of the (min-shifted) mass outside the centre of the crop: the cells whose centres lie "
+        "outside the middle half of each side (a uniform map gives about 0.75; near 1, the map sits on the borders).",
+    )
     peak: Peak
     completeness_gap: float | None = Field(
         default=None,

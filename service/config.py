@@ -129,6 +129,16 @@ class ServerSettings(BaseSettings):
         description="Largest explain response, estimated before queuing from maps x formats x pixels.",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="`text`: one readable line per record (for a terminal); `json`: one JSON object per line, the "
+                    "server's and uvicorn's records alike (for log collectors).",
+    )
+    predicted_class_limit: int | None = Field(
+        default=None, ge=0,
+        description="Series of saliency_predicted_class_total per model: unset, one per class the model knows; N, at "
+                    "most N classes (the most frequent first) and the rest under `__other__`; 0, none.",
+    )
     models: list[ModelConfig] = Field(default_factory=list)
 
     def request_cost_limit(self, model: ModelConfig) -> float:

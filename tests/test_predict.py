@@ -102,7 +102,7 @@ async def test_concurrent_clients_get_their_own_answers_and_are_batched() -> Non
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
         batch_sizes.append(body["timings"]["batch_size"])
     assert max(batch_sizes) > 1, batch_sizes
-    assert 'saliency_requests_total{endpoint="predict",model="tiny_vit",status="200"} 16.0' in metrics
+    assert 'saliency_requests_total{code="",endpoint="predict",model="tiny_vit",status="200"} 16.0' in metrics
 
 
 async def test_queue_full_gives_503_with_retry_after() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import torch
 from pydantic import BaseModel
@@ -59,6 +59,7 @@ class MethodRequest:
 class ExplainJob:
     """One image to explain with several methods."""
 
+    kind: ClassVar[str] = "explain"
     pixels: torch.Tensor  # (C, H, W) float32, normalised
     methods: tuple[MethodRequest, ...]
     target: TargetRequest

@@ -15,7 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api_schemas.errors import validation_message
 from service import __version__
-from service.http.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
+from service.http.middleware import BodySizeLimitMiddleware
+from service.http.observation import RequestObservationMiddleware
 from service.config import ServerSettings
 from service.http.errors import ApiError, V2Error, error_body_for, invalid_request
 from service.http.openapi import install_openapi
@@ -117,6 +118,7 @@ def create_app(
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        max_url_bytes=settings.max_url_bytes, body_timeout_s=settings.body_timeout_s)
-    app.add_middleware(RequestMetricsMiddleware, service=lambda: getattr(app.state, "service", None))
+    # Outermost: sees every request, the ones the body-size limit refuses included.
+    app.add_middleware(RequestObservationMiddleware, service=lambda: getattr(app.state, "service", None))
     install_openapi(app)
     return app

@@ -1,20 +1,14 @@
-"""ASGI middleware: bodies over the configured size rejected with 413 before they are buffered; requests counted."""
+"""ASGI middleware: bodies over the configured size rejected with 413 before they are buffered."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
-from typing import TYPE_CHECKING, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.http.errors import ApiError, error_body_for
 
-if TYPE_CHECKING:
-    from service.http.state import ServiceState
-
-_MODEL_PATH = re.compile(r"^/v1/models/([^/]+)/([a-z_]+)$")
 
 
 class BodySizeLimitMiddleware:
@@ -97,32 +91,3 @@ async def _send_error(send: Send, error: ApiError, path: str = "") -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
-
-
-class RequestMetricsMiddleware:
-    """Counts model requests by model (`unknown` for ids that are not served), endpoint and status code."""
-
-    def __init__(self, app: ASGIApp, service: Callable[[], ServiceState | None]) -> None:
-        self.app = app
-        self.service = service
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = _MODEL_PATH.match(scope.get("path", "")) if scope["type"] == "http" else None
-        if match is None:
-            await self.app(scope, receive, send)
-            return
-        status = 500
-
-        async def recording_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, recording_send)
-        finally:
-            service = self.service()
-            if service is not None:
-                model = match.group(1) if match.group(1) in service.models else "unknown"
-                service.metrics.requests.labels(model, match.group(2), str(status)).inc()

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
+import torch
 from PIL import Image
 
+from api_schemas import MethodResult
 from service.config import ServerSettings
 from service.explain.pipeline import ExplainJob, run_explain_batch
 from service.http.uploads import decode_image, resized_size_check
 from service.model.served import ServedModel
 from service.runtime.batching import BatchQueue, lane_batch_cap
 from service.runtime.devices import DeviceWorkers, use_one_thread
-from service.runtime.metrics import Metrics
+from service.runtime.metrics import Metrics, build_info
 from service.runtime.processor import PredictJob, make_batch_processor, predict_batch
 from service.visualization.jobs import JobManager
 
@@ -32,7 +33,7 @@ class ServiceState:
 
     settings: ServerSettings
     models: dict[str, ServedModel]
-    metrics: Metrics = field(default_factory=Metrics)
+    metrics: Metrics = field(init=False)
     workers: DeviceWorkers = field(init=False)
     queues: dict[str, BatchQueue] = field(default_factory=dict)
     decode_pool: ThreadPoolExecutor = field(init=False)
@@ -40,10 +41,14 @@ class ServiceState:
     warmup_task: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
+        self.metrics = Metrics(self.settings.predicted_class_limit)
+        self.metrics.set_build_info(build_info(str(served.device) for served in self.models.values()))
         self.workers = DeviceWorkers(self.settings.cpu_workers)
         self.decode_pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode",
                                               initializer=use_one_thread)
-        self.jobs = JobManager(self.workers, self.decode_pool, self.settings.max_jobs, self.settings.max_finished_jobs)
+        self.jobs = JobManager(self.workers, self.decode_pool, self.settings.max_jobs, self.settings.max_finished_jobs,
+                               observe_step=self.metrics.observe_job_step)
+        self.metrics.track_jobs(self.jobs.state_counts)
 
     @property
     def ready(self) -> bool:
@@ -104,9 +109,22 @@ class ServiceState:
         """Run CPU work (decoding, preprocessing, rendering) on the decode pool, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
 
-    def observe_latency(self, model_id: str, endpoint: str, received_at: float) -> None:
-        """Record a request's latency, from `received_at` (time.perf_counter()) to now."""
-        self.metrics.latency.labels(model_id, endpoint).observe(time.perf_counter() - received_at)
+    def observe_explanations(self, served: ServedModel, outcome: Any, explanations: Sequence[MethodResult]) -> None:
+        """The drift signals of an explain request: its prediction, and each map's entropy, top-10% mass and mass
+        outside the crop's centre; plus each method's compute time in its batch."""
+        self.observe_prediction(served, outcome.probabilities)
+        self.metrics.observe_method_compute(served.id, {r.method: r.compute_ms / 1000.0 for r in explanations})
+        for result in explanations:
+            for explained in result.results:
+                stats = explained.map.statistics
+                self.metrics.observe_map(served.id, result.method, stats.entropy, stats.top10_mass, stats.border_mass)
+
+    def observe_prediction(self, served: ServedModel, probabilities: torch.Tensor) -> None:
+        """The drift signals of one prediction (its top-1 probability, its entropy, its class)."""
+        values = probabilities.detach().float().cpu().tolist()
+        top = max(range(len(values)), key=values.__getitem__) if values else 0
+        label = served.labels[top] if top < len(served.labels) else str(top)
+        self.metrics.observe_prediction(served.id, values, label)
 
     async def shutdown(self) -> None:
         """Drain every queue (accepted requests get answers), then stop the workers."""

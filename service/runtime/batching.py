@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,11 @@ class RunningBatch:
     """
 
     def __init__(self, abandoned: Sequence[threading.Event],
-                 yield_lane: Callable[[], None] | None = None) -> None:
+                 yield_lane: Callable[[], None] | None = None, kind_seconds: dict[str, float] | None = None) -> None:
         self._abandoned = list(abandoned)
         self._yield_lane = yield_lane
+        # Compute time per work kind, as the processor reports it (shared by every view of the batch).
+        self.kind_seconds: dict[str, float] = {} if kind_seconds is None else kind_seconds
 
     def __len__(self) -> int:
         return len(self._abandoned)
@@ -63,7 +65,11 @@ class RunningBatch:
 
     def subset(self, indices: Sequence[int]) -> RunningBatch:
         """The same batch seen as the listed items only (for a handler given part of the batch)."""
-        return RunningBatch([self._abandoned[i] for i in indices], self._yield_lane)
+        return RunningBatch([self._abandoned[i] for i in indices], self._yield_lane, self.kind_seconds)
+
+    def add_kind_seconds(self, kind: str, seconds: float) -> None:
+        """Report that the batch's items of `kind` took `seconds` to compute (for the per-kind metrics)."""
+        self.kind_seconds[kind] = self.kind_seconds.get(kind, 0.0) + seconds
 
     def checkpoint(self) -> None:
         """A chunk boundary of long work: raise BatchCancelledError when every item is abandoned, else let another
@@ -167,6 +173,17 @@ class _Pending:
             self.future.cancel()
 
 
+def work_kind(payload: Any) -> str:
+    """The kind of work an item is (`predict`, `explain`...): its class's `kind`, else the class name in lower case."""
+    return getattr(type(payload), "kind", None) or type(payload).__name__.lower()
+
+
+@dataclass(frozen=True)
+class ItemStats:
+    kind: str
+    queue_wait_s: float  # from enqueueing to the start of its batch
+
+
 @dataclass(frozen=True)
 class BatchStats:
     """Reported to an observer after each batch."""
@@ -175,6 +192,10 @@ class BatchStats:
     batch_size: int
     compute_s: float
     failed_items: int
+    items: tuple[ItemStats, ...] = ()
+    # Per kind in the batch: (items, compute seconds). The processor's own timing of each kind when it reports one
+    # (RunningBatch.add_kind_seconds), else the whole batch's time.
+    kinds: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 class BatchQueue(Generic[P, R]):
@@ -301,7 +322,7 @@ class BatchQueue(Generic[P, R]):
                 outcomes = await loop.run_in_executor(self._lanes.executor(lane), self._run_batch,
                                                       [p.payload for p in live], running)
                 compute_s = time.perf_counter() - started
-                self._deliver(live, outcomes, started, compute_s)
+                self._deliver(live, outcomes, started, compute_s, running.kind_seconds)
         except Exception:  # noqa: BLE001 - a batch must always answer its items
             log.exception("batch queue %r: unexpected failure", self.name)
             for p in batch:
@@ -347,7 +368,8 @@ class BatchQueue(Generic[P, R]):
                     results.append(item_error)
             return results
 
-    def _deliver(self, live: list[_Pending], outcomes: list[Any], started: float, compute_s: float) -> None:
+    def _deliver(self, live: list[_Pending], outcomes: list[Any], started: float, compute_s: float,
+                 kind_seconds: dict[str, float] | None = None) -> None:
         failed = 0
         for pending, outcome in zip(live, outcomes):
             if pending.future.done():  # abandoned: neither answered nor counted as failed
@@ -366,4 +388,9 @@ class BatchQueue(Generic[P, R]):
                     )
                 )
         if self._on_batch is not None:
-            self._on_batch(BatchStats(self.name, len(live), compute_s, failed))
+            items = tuple(ItemStats(work_kind(p.payload), started - p.enqueued_at) for p in live)
+            counts: dict[str, int] = {}
+            for item in items:
+                counts[item.kind] = counts.get(item.kind, 0) + 1
+            kinds = {kind: (count, (kind_seconds or {}).get(kind, compute_s)) for kind, count in counts.items()}
+            self._on_batch(BatchStats(self.name, len(live), compute_s, failed, items, kinds))

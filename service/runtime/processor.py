@@ -7,13 +7,14 @@ runtime never imports what runs on it. Each handler is given the running batch s
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 
 from service.model.served import ServedModel
-from service.runtime.batching import BatchCancelledError, RunningBatch, current_batch
+from service.runtime.batching import BatchCancelledError, RunningBatch, current_batch, work_kind
 
 # Runs the items of one kind of a batch (on one of the device's lanes) and returns one result per item, in order.
 BatchHandler = Callable[[ServedModel, Sequence[Any], RunningBatch], Sequence[Any]]
@@ -23,6 +24,7 @@ BatchHandler = Callable[[ServedModel, Sequence[Any], RunningBatch], Sequence[Any
 class PredictJob:
     """One preprocessed image to classify."""
 
+    kind: ClassVar[str] = "predict"
     pixels: torch.Tensor  # (C, H, W) float32, normalised
 
 
@@ -49,6 +51,7 @@ def make_batch_processor(served: ServedModel, handlers: Mapping[type, BatchHandl
             if not indices:
                 continue
             part = batch.subset(indices)
+            started = time.perf_counter()
             try:
                 part.checkpoint()
                 outcomes = handler(served, [items[i] for i in indices], part)
@@ -56,6 +59,8 @@ def make_batch_processor(served: ServedModel, handlers: Mapping[type, BatchHandl
                 if not batch.any_wanted():
                     raise
                 outcomes = [cancelled] * len(indices)
+            finally:
+                batch.add_kind_seconds(work_kind(items[indices[0]]), time.perf_counter() - started)
             for i, result in zip(indices, outcomes, strict=True):
                 results[i] = result
         return results

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 import uuid
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -136,14 +137,24 @@ class VisualizationJob:
 class JobManager:
     """Creates, runs, cancels and retains visualization jobs."""
 
-    def __init__(self, workers: DeviceExecutors, encode_pool: Executor, max_jobs: int, max_finished_jobs: int) -> None:
+    def __init__(self, workers: DeviceExecutors, encode_pool: Executor, max_jobs: int, max_finished_jobs: int,
+                 observe_step: Callable[[str, float, float], None] | None = None) -> None:
         self._workers = workers
+        # Told (model id, seconds the step waited for the device, seconds it computed) after each step.
+        self._observe_step = observe_step
         self._encode_pool = encode_pool
         self.max_jobs = max_jobs
         self.max_finished_jobs = max_finished_jobs
         self._jobs: dict[str, VisualizationJob] = {}
         self._shapes: dict[tuple[str, str | None, tuple[int, int]], tuple[int, ...]] = {}
         self._closed = False
+
+    def state_counts(self) -> dict[str, int]:
+        """Jobs held per status."""
+        counts: dict[str, int] = {}
+        for job in self._jobs.values():
+            counts[job.status] = counts.get(job.status, 0) + 1
+        return counts
 
     @property
     def active_count(self) -> int:
@@ -262,13 +273,18 @@ class JobManager:
             ),
         )
 
-        def first_step() -> float:
-            loop.call_soon_threadsafe(job.mark_running)  # runs before this call's result is delivered
-            return maximizer.step()
+        def step(index: int, submitted: float) -> float:
+            started = time.perf_counter()
+            if index == 0:
+                loop.call_soon_threadsafe(job.mark_running)  # runs before this call's result is delivered
+            value = maximizer.step()
+            if self._observe_step is not None:
+                self._observe_step(served.id, started - submitted, time.perf_counter() - started)
+            return value
 
         try:
             for index in range(params.steps):
-                value = await loop.run_in_executor(executor, first_step if index == 0 else maximizer.step)
+                value = await loop.run_in_executor(executor, step, index, time.perf_counter())
                 if not math.isfinite(value):
                     raise FloatingPointError(f"the objective became {value} at step {index + 1}; try a smaller lr")
                 job.record(value)

@@ -131,6 +131,10 @@ def map_statistics(saliency: torch.Tensor, geometry: CropGeometry) -> MapStatist
         entropy = 0.0
     top_cells = (cells + 9) // 10  # ceil(10%)
     top10_mass = float(p.topk(top_cells).values.sum())
+    # The centre: cells whose centres lie in the middle half of each side ([1/4, 3/4] of the crop).
+    row_centre = ((torch.arange(rows, dtype=torch.float64) + 0.5) / rows - 0.5).abs() <= 0.25
+    col_centre = ((torch.arange(cols, dtype=torch.float64) + 0.5) / cols - 0.5).abs() <= 0.25
+    centre_mass = float(p.reshape(rows, cols)[row_centre][:, col_centre].sum())
     row, col = divmod(int(flat.argmax()), cols)
     in_w, in_h = geometry.input_size
     peak_x, peak_y = geometry.input_to_original((col + 0.5) * in_w / cols, (row + 0.5) * in_h / rows)
@@ -139,6 +143,7 @@ def map_statistics(saliency: torch.Tensor, geometry: CropGeometry) -> MapStatist
         max=high,
         entropy=min(1.0, max(0.0, entropy)),
         top10_mass=min(1.0, max(0.0, top10_mass)),
+        border_mass=min(1.0, max(0.0, 1.0 - centre_mass)),
         peak=Peak(row=row, col=col, x=peak_x, y=peak_y),
     )
 

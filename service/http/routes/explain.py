@@ -26,6 +26,7 @@ from service.http.dependencies import get_ready_model, get_state
 from service.http.errors import ApiError, error_responses, invalid_request, submit_or_raise
 from service.http.openapi import image_request_body
 from service.http.responses import build_explanations, explain_response
+from service.http.observation import observe_batched
 from service.http.state import ServiceState
 from service.http.uploads import read_image_request
 from service.model.served import ServedModel
@@ -111,7 +112,6 @@ async def explain(
     explanations = await state.off_loop(
         build_explanations, result.value, requests, served.labels, geometry, image, rendering
     )
-    response = explain_response(served, result, explanations, image, geometry, rendering, body.options.top_k,
-                                received_at)
-    state.observe_latency(served.id, "explain", received_at)
-    return response
+    observe_batched(result, tuple(r.method.name for r in requests))
+    state.observe_explanations(served, result.value, explanations)
+    return explain_response(served, result, explanations, image, geometry, rendering, body.options.top_k, received_at)

@@ -11,6 +11,7 @@ from service.http.dependencies import get_ready_model, get_state
 from service.http.errors import error_responses, submit_or_raise
 from service.http.openapi import image_request_body
 from service.http.responses import predict_response
+from service.http.observation import observe_batched
 from service.http.state import ServiceState
 from service.http.uploads import read_image_request
 from service.model.served import ServedModel
@@ -37,6 +38,6 @@ async def predict(
     body = await read_image_request(request, PredictOptions, PredictJsonRequest, state.settings.max_body_bytes)
     _, pixels = await state.decode_and_preprocess(served, body.image)
     result = await submit_or_raise(state.queues[served.id], PredictJob(pixels), request)
-    response = predict_response(served, result, body.options.top_k, received_at)
-    state.observe_latency(served.id, "predict", received_at)
-    return response
+    observe_batched(result)
+    state.observe_prediction(served, result.value)
+    return predict_response(served, result, body.options.top_k, received_at)

@@ -17,7 +17,6 @@ import base64
 import binascii
 import json
 import struct
-import time
 import zlib
 from typing import Any
 
@@ -46,6 +45,7 @@ from service.http.responses import (
     v2_infer_body,
     v2_model_metadata,
 )
+from service.http.observation import observe_batched
 from service.http.state import ServiceState
 from service.model.served import ServedModel
 from service.runtime.processor import PredictJob
@@ -107,7 +107,6 @@ async def v2_model_ready(name: str, version: str | None = None,
 @router.post("/v2/models/{name}/versions/{version}/infer")
 async def v2_infer(request: Request, name: str, version: str | None = None,
                    state: ServiceState = Depends(get_state)) -> Response:
-    received_at = time.perf_counter()
     served = _ready_model(state, name, version)
     body = _decompress(await request.body(), request.headers.get("content-encoding"), state.settings.max_body_bytes)
     infer, binary = _parse_body(body, request.headers.get(HEADER_LENGTH))
@@ -134,7 +133,10 @@ async def v2_infer(request: Request, name: str, version: str | None = None,
             raise result
     probabilities = torch.stack([r.value for r in results]).float().numpy()  # type: ignore[union-attr]
     header, blobs = await state.off_loop(v2_infer_body, served, infer, outputs, probabilities)
-    state.observe_latency(served.id, "v2_infer", received_at)
+    for result in results:
+        state.observe_prediction(served, result.value)  # type: ignore[union-attr]
+    if results:
+        observe_batched(results[0])  # type: ignore[arg-type]
     if not blobs:
         return Response(header, media_type="application/json")
     return Response(header + b"".join(blobs), media_type="application/octet-stream",
