@@ -13,10 +13,18 @@ class ErrorDetail(BaseModel):
         description="Human-readable explanation naming the offending field or limit.",
         examples=["image has 100000000 pixels; the limit is 40000000"],
     )
+    request_id: str | None = Field(
+        default=None,
+        description="The request's id, as in its `X-Request-ID` response header (the client's own when it sent a "
+                    "usable one, else generated): quote it to find the request in the server's logs and traces. "
+                    "Absent or null where no request is answered (a visualization job's error: the job outlives "
+                    "the request that started it).",
+        examples=["5f0c1c6b2a8e4a7f9d3b6e1a0c4d2f8e"],
+    )
 
 
 class ErrorResponse(BaseModel):
-    """Body of every error response: `{"error": {"code": ..., "message": ...}}`."""
+    """Body of every error response: `{"error": {"code": ..., "message": ..., "request_id": ...}}`."""
 
     error: ErrorDetail
 

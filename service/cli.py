@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -15,15 +14,16 @@ if TYPE_CHECKING:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.http.app import create_app
     from service.config import load_settings
+    from service.http.app import create_app
+    from service.http.logs import configure_logging
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     settings = load_settings(args.config, **overrides)
-    level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One handler and format (log_format) for the app's records and uvicorn's, set now and again by uvicorn.
+    log_config = configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
-    uvicorn.run(app, **uvicorn_options(settings))
+    uvicorn.run(app, **uvicorn_options(settings), log_config=log_config)
     return 0
 
 
@@ -33,6 +33,7 @@ def uvicorn_options(settings: ServerSettings) -> dict[str, Any]:
 
     return {
         "host": settings.host, "port": settings.port, "log_level": settings.log_level,
+        "access_log": False,  # the app writes one access line per request itself (service/http/observation.py)
         "timeout_graceful_shutdown": 30,
         "timeout_keep_alive": settings.keep_alive_timeout_s,  # idle keep-alive connections closed after this
         # uvicorn's httptools protocol plus a header deadline and JSON answers to unparseable requests

@@ -400,7 +400,8 @@ def assert_error(response: httpx.Response, bad: Bad) -> None:
     assert response.status_code == bad.status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "request_id"}, body
+    assert body["error"]["request_id"] == response.headers["x-request-id"], body
     assert body["error"]["code"] == bad.code, body
     for fragment in bad.says:
         assert fragment in body["error"]["message"], (fragment, body)

@@ -128,7 +128,7 @@ async def test_an_explanation_whose_client_disconnects_stops_at_its_next_chunk(
         await asyncio.sleep(disconnect_after_s)
         writer.close()  # the client goes away mid-explanation
         await writer.wait_closed()
-        closed = app.state.service.metrics.requests.labels("slow", "explain", "499")
+        closed = app.state.service.metrics.requests.labels("slow", "explain", "499", "client_closed_request")
         for _ in range(3000):  # until the server has seen the disconnect and answered nobody
             if closed._value.get() == 1:
                 break

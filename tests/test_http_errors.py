@@ -43,12 +43,14 @@ def b64(data: bytes) -> str:
 
 
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> str:
-    """Check the status and the envelope {"error": {"code", "message"}}; return the message."""
+    """Check the status and the envelope {"error": {"code", "message", "request_id"}} (the id echoed in the
+    X-Request-ID header); return the message."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
     assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"code", "message"}, body
+    assert set(body["error"]) == {"code", "message", "request_id"}, body
+    assert body["error"]["request_id"] == response.headers["x-request-id"], body
     assert isinstance(body["error"]["code"], str) and body["error"]["code"]
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     if code is not None:

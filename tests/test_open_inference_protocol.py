@@ -264,7 +264,7 @@ def test_v2_error_shape_is_scoped_to_v2(server: tuple[str, dict[str, ServedModel
     assert set(httpx.get(f"{url}/v2/nothing/here").json()) == {"error"}
     assert isinstance(httpx.get(f"{url}/v2/nothing/here").json()["error"], str)
     ours = httpx.get(f"{url}/v1/models/nope").json()
-    assert set(ours["error"]) == {"code", "message"}
+    assert set(ours["error"]) == {"code", "message", "request_id"}
     # answered by the middleware before the app: still the protocol's shape under /v2
     too_long = httpx.get(f"{url}/v2/models/{'x' * 9000}")
     assert too_long.status_code == 414 and isinstance(too_long.json()["error"], str)

@@ -128,7 +128,7 @@ def test_predict_documents_errors_with_the_envelope(document: dict[str, Any]) ->
     envelope = resolve(document, "#/components/schemas/ErrorResponse")
     assert envelope["required"] == ["error"]
     detail = schema_of(document, envelope["properties"]["error"])
-    assert set(detail["properties"]) == {"code", "message"}
+    assert set(detail["properties"]) == {"code", "message", "request_id"}
     assert set(detail["required"]) == {"code", "message"}
 
 

@@ -7,6 +7,7 @@ import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
 
+from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI, Request
 from fastapi.routing import APIRoute
 from fastapi.exceptions import RequestValidationError
@@ -15,10 +16,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api_schemas.errors import validation_message
 from service import __version__
-from service.http.middleware import BodySizeLimitMiddleware
+from service.http.middleware import BodySizeLimitMiddleware, sane_request_id
 from service.http.observation import RequestObservationMiddleware
 from service.config import ServerSettings
-from service.http.errors import ApiError, V2Error, error_body_for, invalid_request
+from service.http.errors import (
+    REQUEST_ID_HEADER, ApiError, V2Error, current_request_id, error_body_for, invalid_request,
+)
 from service.http.openapi import install_openapi
 from service.http.routes import explain as explain_routes
 from service.http.routes import health as health_routes
@@ -30,6 +33,7 @@ from service.http.routes import predict as predict_routes
 from service.http.routes import v2 as v2_routes
 from service.model.served import ServedModel, load_served_model
 from service.http.state import ServiceState
+from service.http.tracing import install_tracing
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +80,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return respond(ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}"), request)
+        # Answered by Starlette's outermost ServerErrorMiddleware, outside the request-id middleware: the header here.
+        request_id = current_request_id()
+        headers = None if request_id is None else {REQUEST_ID_HEADER: request_id}
+        return respond(ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}", headers), request)
 
 
 def operation_id(route: APIRoute) -> str:
@@ -118,7 +125,11 @@ def create_app(
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        max_url_bytes=settings.max_url_bytes, body_timeout_s=settings.body_timeout_s)
-    # Outermost: sees every request, the ones the body-size limit refuses included.
+    # Sees every request, the ones the body-size limit refuses included.
     app.add_middleware(RequestObservationMiddleware, service=lambda: getattr(app.state, "service", None))
+    # Outermost: X-Request-ID kept (when sane) or generated, on every response; the access log and error bodies
+    # read it (asgi_correlation_id.correlation_id).
+    app.add_middleware(CorrelationIdMiddleware, header_name=REQUEST_ID_HEADER, validator=sane_request_id)
     install_openapi(app)
+    install_tracing(app)  # only when the OTEL_* variables ask for it
     return app

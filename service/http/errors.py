@@ -1,4 +1,5 @@
-"""API errors, their JSON envelope `{"error": {"code": ..., "message": ...}}`, and batch-queue failures mapped to them."""
+"""API errors, their JSON envelope `{"error": {"code": ..., "message": ..., "request_id": ...}}`, and batch-queue
+failures mapped to them."""
 
 from __future__ import annotations
 
@@ -6,12 +7,20 @@ import asyncio
 import logging
 from typing import Any
 
+from asgi_correlation_id import correlation_id
 from starlette.requests import Request
 
 from api_schemas import ErrorDetail, ErrorResponse, V2ErrorResponse
 from service.runtime.batching import BatchedResult, BatchQueue, QueueClosedError, QueueFullError, RequestTimeoutError
 
 log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+def current_request_id() -> str | None:
+    """The id of the request being answered (its X-Request-ID, kept or generated), None outside a request."""
+    return correlation_id.get()
 
 
 class ApiError(Exception):
@@ -25,8 +34,9 @@ class ApiError(Exception):
         self.headers = headers
 
     def body(self) -> dict[str, Any]:
-        """The JSON envelope, as documented by ErrorResponse."""
-        return ErrorResponse(error=ErrorDetail(code=self.code, message=self.message)).model_dump()
+        """The JSON envelope, as documented by ErrorResponse, with the request's id when answering one."""
+        detail = ErrorDetail(code=self.code, message=self.message, request_id=current_request_id())
+        return ErrorResponse(error=detail).model_dump(exclude_none=True)
 
 
 class V2Error(Exception):

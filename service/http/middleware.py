@@ -1,14 +1,24 @@
-"""ASGI middleware: bodies over the configured size rejected with 413 before they are buffered."""
+"""ASGI middleware: bodies over the configured size rejected with 413 before they are buffered; the request id
+(`X-Request-ID`) kept or generated."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.http.errors import ApiError, error_body_for
 
+# A client's X-Request-ID is kept when it is 1 to 128 of these characters (a UUID, a trace id, `req-42`...);
+# anything else (spaces, quotes, control characters: log injection) is replaced by a generated one.
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._~:@/+=-]{1,128}")
+
+
+def sane_request_id(value: str) -> bool:
+    """Whether an incoming X-Request-ID is kept (CorrelationIdMiddleware's validator)."""
+    return _SANE_REQUEST_ID.fullmatch(value) is not None
 
 
 class BodySizeLimitMiddleware:
@@ -80,7 +90,8 @@ class BodySizeLimitMiddleware:
 
 async def _send_error(send: Send, error: ApiError, path: str = "") -> None:
     """The error answered before the app runs, in the envelope of the route asked for (the Open Inference
-    Protocol's `{"error": message}` under /v2)."""
+    Protocol's `{"error": message}` under /v2), with the request's id (set by the request-id middleware, outside this
+    one, which also adds the X-Request-ID header)."""
     body = json.dumps(error_body_for(error, path)).encode()
     extra = [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
     await send(

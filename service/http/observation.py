@@ -11,6 +11,8 @@ import re
 import time
 from typing import TYPE_CHECKING, Callable
 
+from asgi_correlation_id import correlation_id
+from opentelemetry import trace
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.runtime.batching import BatchedResult
@@ -24,7 +26,7 @@ access_log = logging.getLogger("saliency.access")
 _MODEL_PATH = re.compile(r"^/v1/models/([^/]+)(?:/([a-z_]+))?$")
 _V2_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/|$)")
 # Probes and scrapes: logged at debug, not info (they would drown the log).
-QUIET_ENDPOINTS = frozenset({"healthz", "readyz", "metrics", "v2_live", "v2_ready"})
+QUIET_ENDPOINTS = frozenset({"healthz", "readyz", "metrics", "v2_live", "v2_ready", "v2_model_ready"})
 _UNMATCHED = "unmatched"  # paths no route serves: one label value, whatever the path
 
 _current: contextvars.ContextVar[RequestObservation | None] = contextvars.ContextVar("saliency_request", default=None)
@@ -86,6 +88,9 @@ class RequestObservationMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        span = trace.get_current_span()  # the request's server span when tracing is on
+        if span.is_recording():
+            span.set_attribute("saliency.request_id", correlation_id.get() or "")
         observation = RequestObservation(endpoint=_UNMATCHED)
         token = _current.set(observation)
         error_body = bytearray()
@@ -127,6 +132,7 @@ def log_request(scope: Scope, observation: RequestObservation) -> None:
     client = scope.get("client")
     query = scope.get("query_string", b"").decode("latin-1")
     fields = {
+        "request_id": correlation_id.get(),  # X-Request-ID, kept or generated (the middleware outside this one)
         "client": f"{client[0]}:{client[1]}" if client else "",
         "method": scope.get("method", ""),
         "path": scope.get("path", "") + (f"?{query}" if query else ""),

@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 
 from api_schemas import MethodResult
+from service import __version__
 from service.config import ServerSettings
 from service.explain.pipeline import ExplainJob, run_explain_batch
+from service.http.tracing import span
 from service.http.uploads import decode_image, resized_size_check
 from service.model.served import ServedModel
 from service.runtime.batching import BatchQueue, lane_batch_cap
@@ -42,7 +44,7 @@ class ServiceState:
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.settings.predicted_class_limit)
-        self.metrics.set_build_info(build_info(str(served.device) for served in self.models.values()))
+        self.metrics.set_build_info(build_info(__version__, (str(served.device) for served in self.models.values())))
         self.workers = DeviceWorkers(self.settings.cpu_workers)
         self.decode_pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode",
                                               initializer=use_one_thread)
@@ -75,6 +77,7 @@ class ServiceState:
             self.metrics.track_queue_depth(served.id, lambda q=queue: q.depth)
             self.metrics.random_weights.labels(served.id).set(1 if served.weights.random else 0)
             self.metrics.model_ready.labels(served.id).set(0)
+            self.metrics.register_model(served.id, cfg.queue_size)
 
     async def warm_up(self) -> None:
         """Warm every model on each lane of its device (each lane runs its own copy) at batch 1 and the batch cap."""
@@ -103,7 +106,8 @@ class ServiceState:
             image = decode_image(data, self.settings.max_image_pixels, fits)
             return image, served.preprocess(image)
 
-        return await self.off_loop(work)
+        with span("decode", **{"saliency.model": served.id, "saliency.upload_bytes": len(data)}):
+            return await self.off_loop(work)
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """Run CPU work (decoding, preprocessing, rendering) on the decode pool, off the event loop."""

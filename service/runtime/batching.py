@@ -11,6 +11,11 @@ from its batch if the batch has not started yet. A batch already running reads t
 through `current_batch()`: long work calls `RunningBatch.checkpoint()` between chunks, which raises
 `BatchCancelledError` once every item of the batch is abandoned, and (on device lanes) lets another model's batch
 waiting for a lane run first. A cancelled batch answers nobody and is not retried item by item.
+
+Tracing (when the server installs an OpenTelemetry provider; service/http/tracing.py): a traced request gets a
+`queue wait` span, from enqueueing to the start of its batch, and each batch serving traced requests a
+`batch compute` span of its own trace, linked to the span of every such request (captured when it was submitted).
+Untraced requests (tracing off) create no span.
 """
 
 from __future__ import annotations
@@ -20,10 +25,15 @@ import logging
 import threading
 import time
 from concurrent.futures import Executor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)  # the provider the server installs, else a no-op
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -165,6 +175,9 @@ class _Pending:
     future: asyncio.Future
     enqueued_at: float
     abandoned: threading.Event
+    # The submitting request's span (invalid when it is not traced), and when its batch started (epoch ns).
+    span_context: trace.SpanContext = trace.INVALID_SPAN_CONTEXT
+    started_ns: int | None = None
 
     def abandon(self) -> None:
         """Nobody waits for this item any more: never start it, and let a running batch stop early."""
@@ -244,7 +257,12 @@ class BatchQueue(Generic[P, R]):
         loop = asyncio.get_running_loop()
         if self.depth >= self.queue_size:
             raise QueueFullError(f"model {self.name!r} has {self.queue_size} requests waiting already")
-        pending = _Pending(payload, loop.create_future(), time.perf_counter(), threading.Event())
+        pending = _Pending(payload, loop.create_future(), time.perf_counter(), threading.Event(),
+                           trace.get_current_span().get_span_context())
+        waiting = None  # a traced request's `queue wait`: ended when its batch starts (or its wait ends without one)
+        if pending.span_context.is_valid:
+            waiting = tracer.start_span("queue wait", attributes={"saliency.model": self.name,
+                                                                   "saliency.kind": work_kind(payload)})
         self._queue.put_nowait(pending)
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
@@ -259,6 +277,9 @@ class BatchQueue(Generic[P, R]):
             # The caller was cancelled (its client went away): cancelling the task has cancelled the future too.
             if not pending.future.done() or pending.future.cancelled():
                 pending.abandon()
+            if waiting is not None:
+                waiting.set_attribute("saliency.batch_started", pending.started_ns is not None)
+                waiting.end(end_time=pending.started_ns)
 
     async def close(self) -> None:
         """Stop accepting work, answer everything already accepted, then stop the consumer."""
@@ -316,11 +337,18 @@ class BatchQueue(Generic[P, R]):
             live = [p for p in batch if not p.future.done()]
             if live:
                 started = time.perf_counter()
+                started_ns = time.time_ns()
+                for p in live:
+                    p.started_ns = started_ns
                 yield_lane = getattr(self._lanes, "yield_lane", None)
                 running = RunningBatch([p.abandoned for p in live],
                                        None if yield_lane is None else lambda: yield_lane(lane, self.name))
-                outcomes = await loop.run_in_executor(self._lanes.executor(lane), self._run_batch,
-                                                      [p.payload for p in live], running)
+                with self._batch_span(live, lane, started_ns) as batch_span:
+                    outcomes = await loop.run_in_executor(self._lanes.executor(lane), self._run_batch,
+                                                          [p.payload for p in live], running)
+                    if batch_span is not None:
+                        failed = sum(isinstance(outcome, BaseException) for outcome in outcomes)
+                        batch_span.set_attribute("saliency.failed_items", failed)
                 compute_s = time.perf_counter() - started
                 self._deliver(live, outcomes, started, compute_s, running.kind_seconds)
         except Exception:  # noqa: BLE001 - a batch must always answer its items
@@ -332,6 +360,19 @@ class BatchQueue(Generic[P, R]):
             self._lanes.release(lane)
             for _ in batch:
                 self._queue.task_done()
+
+    def _batch_span(self, live: list[_Pending], lane: int, started_ns: int) -> AbstractContextManager[Any]:
+        """The batch's `batch compute` span, a trace of its own linked to each traced request it serves; nothing
+        when none of them is traced."""
+        links = [trace.Link(p.span_context) for p in live if p.span_context.is_valid]
+        if not links:
+            return nullcontext()
+        kinds = sorted({work_kind(p.payload) for p in live})
+        return tracer.start_as_current_span(
+            "batch compute", context=otel_context.Context(), links=links, start_time=started_ns,
+            attributes={"saliency.model": self.name, "saliency.batch_size": len(live), "saliency.lane": lane,
+                        "saliency.kinds": kinds},
+        )
 
     def _call(self, payloads: list[Any], running: RunningBatch) -> list[Any]:
         """The processor on `payloads`, with `running` as the thread's current batch."""

@@ -136,15 +136,13 @@ def _git_sha() -> str:
     return done.stdout.strip() if done.returncode == 0 else ""
 
 
-def build_info(devices: Iterable[str]) -> dict[str, str]:
-    """The labels of `saliency_build_info`: the server's version, its git commit when known, torch, timm, and the
+def build_info(version: str, devices: Iterable[str]) -> dict[str, str]:
+    """The labels of `saliency_build_info`: the server's `version`, its git commit when known, torch, timm, and the
     devices the models run on."""
     import timm
     import torch
 
-    from service import __version__
-
-    return {"version": __version__, "git_sha": _git_sha(), "torch": torch.__version__, "timm": timm.__version__,
+    return {"version": version, "git_sha": _git_sha(), "torch": torch.__version__, "timm": timm.__version__,
             "device": ",".join(sorted(set(devices))) or "cpu"}
 
 
@@ -224,6 +222,10 @@ class Metrics:
         self.queue_depth = Gauge(
             "saliency_queue_depth", "Requests waiting in the model's queue.", ["model"], registry=registry
         )
+        self.queue_capacity = Gauge(
+            "saliency_queue_capacity", "Most requests the model's queue holds (queue_size): beyond, 503 queue_full.",
+            ["model"], registry=registry,
+        )
         self.model_ready = Gauge(
             "saliency_model_ready", "1 when the model is loaded and warm.", ["model"], registry=registry
         )
@@ -290,6 +292,14 @@ class Metrics:
     def observe_method_compute(self, model: str, method_seconds: Mapping[str, float]) -> None:
         for method, seconds in method_seconds.items():
             self.method_compute.labels(model, method).observe(seconds)
+
+    def register_model(self, model_id: str, queue_size: int) -> None:
+        """Create the model's series at start-up, so that the first failure or prediction is an increase from 0 (a
+        series first seen at N is invisible to `increase()`)."""
+        self.queue_capacity.labels(model_id).set(queue_size)
+        self.failed_items.labels(model_id)
+        self.confidence.labels(model_id)
+        self.prediction_entropy.labels(model_id)
 
     def track_queue_depth(self, model_id: str, depth: Callable[[], int]) -> None:
         self.queue_depth.labels(model_id).set_function(depth)

@@ -28,6 +28,7 @@ from service.http.openapi import image_request_body
 from service.http.responses import build_explanations, explain_response
 from service.http.observation import observe_batched
 from service.http.state import ServiceState
+from service.http.tracing import span
 from service.http.uploads import read_image_request
 from service.model.served import ServedModel
 
@@ -109,9 +110,10 @@ async def explain(
     except UnsupportedTransformError as exc:
         raise ApiError(500, "unsupported_preprocessing", str(exc)) from None
     result = await submit_or_raise(state.queues[served.id], ExplainJob(pixels, requests, target, evaluate), request)
-    explanations = await state.off_loop(
-        build_explanations, result.value, requests, served.labels, geometry, image, rendering
-    )
+    with span("render", **{"saliency.model": served.id, "saliency.maps": maps}):
+        explanations = await state.off_loop(
+            build_explanations, result.value, requests, served.labels, geometry, image, rendering
+        )
     observe_batched(result, tuple(r.method.name for r in requests))
     state.observe_explanations(served, result.value, explanations)
     return explain_response(served, result, explanations, image, geometry, rendering, body.options.top_k, received_at)
