@@ -348,6 +348,7 @@ class _ClientBase:
         retry_timeout: float,
         headers: Mapping[str, str] | None,
         injected: bool,
+        api_key: str | None = None,
     ) -> None:
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 1:
             raise ValueError(f"retries is the most attempts per request, at least 1; got {retries!r}")
@@ -358,6 +359,9 @@ class _ClientBase:
         self._base_url = "" if base_url is None else base_url.rstrip("/")
         self._timeout = timeout
         self._headers = {"user-agent": USER_AGENT, **(headers or {})}
+        if api_key is not None:  # replaces an Authorization of `headers`
+            self._headers = {k: v for k, v in self._headers.items() if k.lower() != "authorization"}
+            self._headers["authorization"] = f"Bearer {api_key}"
         self._retry = _RetryPolicy(attempts=retries, timeout=float(retry_timeout))
 
     @property
@@ -431,7 +435,8 @@ _CLIENT_ARGS = """
         timeout: seconds (or an `httpx.Timeout`) per HTTP request.
         retries: most attempts per request, the first included (1: never retry).
         retry_timeout: most seconds from the first attempt within which a retry may start.
-        headers: sent with every request (authentication, tracing...).
+        headers: sent with every request (tracing...).
+        api_key: the server's API key, when it requires one: sent as `Authorization: Bearer KEY`.
         http_client: an httpx client to use (not closed by `close()`); else one is created, with `transport`.
         transport: the httpx transport of the client created (e.g. `httpx.MockTransport` in tests).
 """
@@ -450,8 +455,10 @@ class SaliencyClient(_ClientBase):
         headers: Mapping[str, str] | None = None,
         http_client: httpx.Client | None = None,
         transport: httpx.BaseTransport | None = None,
+        api_key: str | None = None,
     ) -> None:
-        super().__init__(base_url, timeout, retries, retry_timeout, headers, injected=http_client is not None)
+        super().__init__(base_url, timeout, retries, retry_timeout, headers, injected=http_client is not None,
+                         api_key=api_key)
         self._owns_http = http_client is None
         self._http = http_client if http_client is not None else httpx.Client(transport=transport)
 
@@ -562,8 +569,10 @@ class AsyncSaliencyClient(_ClientBase):
         headers: Mapping[str, str] | None = None,
         http_client: httpx.AsyncClient | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        api_key: str | None = None,
     ) -> None:
-        super().__init__(base_url, timeout, retries, retry_timeout, headers, injected=http_client is not None)
+        super().__init__(base_url, timeout, retries, retry_timeout, headers, injected=http_client is not None,
+                         api_key=api_key)
         self._owns_http = http_client is None
         self._http = http_client if http_client is not None else httpx.AsyncClient(transport=transport)
 

@@ -17,13 +17,20 @@ def _serve(args: argparse.Namespace) -> int:
     from service.config import load_settings
     from service.http.app import create_app
     from service.http.logs import configure_logging
+    from service.http.serving import DrainingServer
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     settings = load_settings(args.config, **overrides)
     # One handler and format (log_format) for the app's records and uvicorn's, set now and again by uvicorn.
     log_config = configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
-    uvicorn.run(app, **uvicorn_options(settings), log_config=log_config)
+
+    def start_draining() -> bool:
+        state = getattr(app.state, "service", None)  # None until the lifespan has started
+        return state is not None and state.start_draining()
+
+    config = uvicorn.Config(app, **uvicorn_options(settings), log_config=log_config)
+    DrainingServer(config, start_draining, settings.drain_s).run()
     return 0
 
 

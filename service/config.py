@@ -3,17 +3,54 @@
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_CONFIG_FILE = Path(__file__).with_name("default_config.toml")
 
 DType = Literal["float32", "float16", "bfloat16"]
+
+MIN_API_KEY_LENGTH = 16  # shorter keys are refused at start-up (guessable)
+
+
+def read_api_keys(path: str | Path) -> list[str]:
+    """The keys of an API keys file (see api_keys_in); OSError when it cannot be read."""
+    return api_keys_in(Path(path).read_text(encoding="utf-8"), path)
+
+
+def api_keys_in(text: str, path: str | Path, on_invalid: Callable[[str], object] | None = None) -> list[str]:
+    """The keys of the text of the API keys file `path`: one per line, surrounding whitespace stripped, blank lines
+    and `#` comments ignored. A key that is too short or holds whitespace raises ValueError naming the line (never
+    the key), or, with `on_invalid`, is skipped and that message given to it."""
+    keys = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        key = line.strip()
+        if not key or key.startswith("#"):
+            continue
+        problem = api_key_problem(key)
+        if problem and on_invalid is None:
+            raise ValueError(f"api_keys_file {path}, line {number}: {problem}")
+        if problem:
+            on_invalid(f"api_keys_file {path}, line {number}: {problem}")
+        else:
+            keys.append(key)
+    return keys
+
+
+def api_key_problem(key: str) -> str:
+    """Why a key is refused ("" when it is acceptable); the message never quotes the key."""
+    if len(key) < MIN_API_KEY_LENGTH:
+        return (f"the key is {len(key)} characters long; API keys must have at least {MIN_API_KEY_LENGTH} "
+                "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    if any(not "!" <= c <= "~" for c in key):
+        return "the key holds whitespace, control or non-ASCII characters: use visible ASCII characters only"
+    return ""
 
 
 class ModelConfig(BaseModel):
@@ -41,7 +78,17 @@ class ModelConfig(BaseModel):
     device: str | None = Field(default=None, description="Overrides the server-wide device.")
     dtype: DType | None = Field(default=None, description="Overrides the server-wide dtype.")
     max_batch_size: int = Field(default=32, ge=1, le=1024)
-    max_wait_ms: float = Field(default=5.0, ge=0.0, le=10_000.0)
+    max_wait_ms: float = Field(
+        default=5.0, ge=0.0, le=10_000.0,
+        description="How long a batch waits for more requests after its first, while every lane of the device is "
+                    "busy (see dispatch_when_idle).",
+    )
+    dispatch_when_idle: bool = Field(
+        default=True,
+        description="Start a batch at once when a lane is free (no batching penalty for a lone client); false: "
+                    "always wait up to max_wait_ms for more requests first (full batches from bursts, at the cost "
+                    "of latency).",
+    )
     queue_size: int = Field(default=256, ge=1)
     timeout_s: float = Field(default=30.0, gt=0.0)
     explain_chunk_size: int = Field(
@@ -74,8 +121,10 @@ class ModelConfig(BaseModel):
 class ServerSettings(BaseSettings):
     """Everything the server reads at start-up."""
 
+    # hide_input_in_errors: a validation error must not print the API keys it was given.
     model_config = SettingsConfigDict(
-        env_prefix="SALIENCY_", env_nested_delimiter="__", extra="forbid", protected_namespaces=()
+        env_prefix="SALIENCY_", env_nested_delimiter="__", extra="forbid", protected_namespaces=(),
+        hide_input_in_errors=True,
     )
 
     host: str = "127.0.0.1"
@@ -114,6 +163,17 @@ class ServerSettings(BaseSettings):
     max_finished_jobs: int = Field(
         default=64, ge=0, le=100_000, description="Finished visualization jobs kept (with results); oldest evicted."
     )
+    job_store: str = Field(
+        default="memory",
+        description="Where visualization jobs' records live: `memory` (this process only: one replica) or a Redis "
+                    "URL, `redis://[:password@]host:port/db` (`rediss://` for TLS), shared by every replica naming "
+                    "it: any replica answers and cancels any job. max_jobs stays a per-replica limit.",
+    )
+    job_ttl_s: int = Field(
+        default=3600, ge=1, le=30 * 24 * 3600,
+        description="With a Redis job_store: seconds a finished job's record and result are kept (max_finished_jobs "
+                    "applies to `memory` only).",
+    )
     max_request_cost: float = Field(
         default=100.0, gt=0.0,
         description="Most an explain request may cost, in forward passes of its model (each model may override it); "
@@ -128,6 +188,12 @@ class ServerSettings(BaseSettings):
         default=64 * 1024 * 1024, ge=1024,
         description="Largest explain response, estimated before queuing from maps x formats x pixels.",
     )
+    drain_s: float = Field(
+        default=10.0, ge=0.0, le=600.0,
+        description="After SIGTERM: seconds during which readiness fails and new requests get 503 shutting_down "
+                    "(load balancers stop routing here) while accepted work finishes; then the server shuts down "
+                    "(the requests in flight get up to 30 s more) and exits 0. 0: shut down at once.",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     log_format: Literal["text", "json"] = Field(
         default="text",
@@ -139,6 +205,26 @@ class ServerSettings(BaseSettings):
         description="Series of saliency_predicted_class_total per model: unset, one per class the model knows; N, at "
                     "most N classes (the most frequent first) and the rest under `__other__`; 0, none.",
     )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="API keys a client must send (`Authorization: Bearer KEY` or `X-API-Key: KEY`); empty, with no "
+                    "api_keys_file: no authentication. At least 16 characters each.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="A file of API keys, one per line (`#` comments and blank lines ignored), added to api_keys; "
+                    "re-read when it changes (checked at most once a second). Must exist at start-up.",
+    )
+    metrics_require_key: bool = Field(default=False, description="Whether /metrics needs an API key too.")
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins browsers may call the API from (`https://app.example.com`, or `*`); empty: no CORS.",
+    )
+    ui_enabled: bool = Field(
+        default=True,
+        description="Serve the comparison page at `/` (its files under /static/ui/); off: `/` answers 404. "
+                    "/docs and /redoc are served either way.",
+    )
     models: list[ModelConfig] = Field(default_factory=list)
 
     def request_cost_limit(self, model: ModelConfig) -> float:
@@ -147,12 +233,35 @@ class ServerSettings(BaseSettings):
     def job_cost_limit(self, model: ModelConfig) -> float:
         return model.max_job_cost if model.max_job_cost is not None else self.max_job_cost
 
+    @field_validator("job_store")
+    @classmethod
+    def _check_job_store(cls, value: str) -> str:
+        value = value.strip()
+        if value == "memory" or value.startswith(("redis://", "rediss://")):
+            return value
+        raise ValueError("job_store must be 'memory' or a Redis URL (redis://host:port/db, rediss:// for TLS)")
+
     @model_validator(mode="after")
     def _unique_ids(self) -> ServerSettings:
         ids = [m.id for m in self.models]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"duplicate model ids: {duplicates}")
+        return self
+
+    @model_validator(mode="after")
+    def _usable_api_keys(self) -> ServerSettings:
+        for index, key in enumerate(self.api_keys):
+            problem = api_key_problem(key.get_secret_value())
+            if problem:
+                raise ValueError(f"api_keys[{index}]: {problem}")
+        if self.api_keys_file is not None:
+            try:
+                keys = read_api_keys(self.api_keys_file)
+            except OSError as exc:
+                raise ValueError(f"api_keys_file {self.api_keys_file} cannot be read: {exc.strerror or exc}") from None
+            if not keys:
+                raise ValueError(f"api_keys_file {self.api_keys_file} holds no key")
         return self
 
 

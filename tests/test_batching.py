@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -226,3 +227,53 @@ async def test_close_drains_accepted_requests_then_refuses_new_ones(executor) ->
     gate.set()
     await closing
     assert [r.value for r in await asyncio.gather(*accepted)] == [0, 2, 4, 6, 8, 10]
+
+
+async def test_a_lone_request_on_an_idle_lane_starts_at_once_without_waiting_for_max_wait(executor) -> None:
+    queue: BatchQueue = BatchQueue("idle", lambda items: [x * 2 for x in items], executor, max_batch_size=8,
+                                   max_wait_ms=2000.0, queue_size=8, timeout_s=10)
+    queue.start()
+    started = time.perf_counter()
+    result = await queue.submit(21)
+    assert result.value == 42 and result.batch_size == 1
+    assert time.perf_counter() - started < 1.0  # not held for max_wait_ms (2 s)
+    await queue.close()
+
+
+async def test_requests_arriving_while_every_lane_is_busy_wait_up_to_max_wait_and_are_batched(executor) -> None:
+    release = threading.Event()
+    sizes: list[int] = []
+
+    def process(items):
+        sizes.append(len(items))
+        if items[0] == "block":
+            release.wait(10)
+        return list(items)
+
+    queue: BatchQueue = BatchQueue("busy", process, executor, max_batch_size=8, max_wait_ms=300.0, queue_size=16,
+                                   timeout_s=10)
+    queue.start()
+    blocker = asyncio.ensure_future(queue.submit("block"))
+    await asyncio.sleep(0.05)  # the only lane is busy from now on
+    first = asyncio.ensure_future(queue.submit("a"))
+    await asyncio.sleep(0.01)
+    release.set()  # the lane frees before max_wait_ms after "a": the batch still waits for followers
+    await asyncio.sleep(0.05)
+    rest = [asyncio.ensure_future(queue.submit(x)) for x in "bc"]
+    results = await asyncio.gather(blocker, first, *rest)
+    assert [r.value for r in results] == ["block", "a", "b", "c"]
+    assert sizes == [1, 3]  # a, b and c in one batch: "a" waited for followers while the lane was busy
+    await queue.close()
+
+
+async def test_without_dispatch_when_idle_a_lone_request_waits_for_max_wait(executor) -> None:
+    queue: BatchQueue = BatchQueue("patient", lambda items: list(items), executor, max_batch_size=8,
+                                   max_wait_ms=300.0, queue_size=8, timeout_s=10, dispatch_when_idle=False)
+    queue.start()
+    started = time.perf_counter()
+    first = asyncio.ensure_future(queue.submit("a"))
+    await asyncio.sleep(0.1)
+    second = await queue.submit("b")  # arrives within max_wait_ms of "a", the lane idle all along
+    assert (await first).batch_size == 2 == second.batch_size
+    assert time.perf_counter() - started >= 0.25
+    await queue.close()

@@ -31,8 +31,8 @@ async def app_client():
     # (one lane: with two, each batch would take at most half the cap; tests/test_device_lanes.py covers lanes).
     settings = settings_for(
         tiny_vit_config(max_wait_ms=20.0), tiny_cnn_config(),
-        tiny_vit_config("vit_pair", max_batch_size=2, max_wait_ms=10_000.0),
-        tiny_vit_config("vit_trio", max_batch_size=3, max_wait_ms=10_000.0),
+        tiny_vit_config("vit_pair", max_batch_size=2, max_wait_ms=10_000.0, dispatch_when_idle=False),
+        tiny_vit_config("vit_trio", max_batch_size=3, max_wait_ms=10_000.0, dispatch_when_idle=False),
         cpu_workers=1,
     )
     models = load_models(settings)

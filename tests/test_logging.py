@@ -95,7 +95,7 @@ def start_server(config: Path, **env: str) -> Iterator[Server]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("SALIENCY_", "OTEL_"))}
     process = subprocess.Popen(
         [sys.executable, "-m", "service", "serve", "--config", str(config), "--port", str(port)],
-        env={**environment, **env}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**environment, "SALIENCY_DRAIN_S": "0", **env}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     server = Server(f"http://127.0.0.1:{port}", process)
     threads = [threading.Thread(target=_pump, args=(process.stderr, server.stderr), daemon=True),

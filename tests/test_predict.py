@@ -138,15 +138,25 @@ async def test_request_waiting_past_its_timeout_gets_504() -> None:
 
 async def test_one_bad_item_does_not_fail_its_batch_mates() -> None:
     models, gated = gated_models(max_batch_size=4, max_wait_ms=10_000.0)  # the batch forms when all 4 arrived
-    async with running_app(settings_for(models["tiny_vit"].config, cpu_workers=1), models) as (client, _):
-        gated.calls.clear()
+    async with running_app(settings_for(models["tiny_vit"].config, cpu_workers=1), models) as (client, app):
         good = [png_bytes(random_image(seed)) for seed in range(3)]
         bright = png_bytes(random_image(0) * 0 + 255)  # all white: mean 1.0 after normalisation
-        responses = await asyncio.gather(*(post_image(client, d) for d in [good[0], bright, good[1], good[2]]))
+        # The lane is busy (a first request blocked in its forward pass), so the next four wait and form one batch.
+        gated.gate.clear()
+        blocker = asyncio.ensure_future(post_image(client, good[0]))
+        while not gated.waiting:
+            await asyncio.sleep(0.01)
+        gated.calls.clear()
+        pending = [asyncio.ensure_future(post_image(client, d)) for d in [good[0], bright, good[1], good[2]]]
+        while app.state.service.queues["tiny_vit"].depth < 4:
+            await asyncio.sleep(0.01)
+        gated.gate.set()
+        responses = await asyncio.gather(*pending)
+        assert (await blocker).status_code == 200
     assert [r.status_code for r in responses] == [200, 500, 200, 200]
     assert responses[1].json()["error"]["code"] == "inference_failed"
     assert "tripwire" in responses[1].json()["error"]["message"]
-    assert gated.calls[0] == 4 and gated.calls[1:] == [1, 1, 1, 1]  # the batch, then item by item
+    assert gated.calls == [1, 4, 1, 1, 1, 1]  # the blocker, the batch, then item by item
 
 
 async def test_readiness_before_and_after_warm_up() -> None:

@@ -72,7 +72,8 @@ def spans(exporter: InMemorySpanExporter) -> Iterator[InMemorySpanExporter]:
 @pytest.fixture(scope="module")
 def settings() -> ServerSettings:
     # `pair` forms a batch exactly when two requests have arrived (one lane, a cap of 2, a long wait)
-    return settings_for(tiny_vit_config(MODEL, max_batch_size=2, max_wait_ms=10_000.0), cpu_workers=1)
+    return settings_for(tiny_vit_config(MODEL, max_batch_size=2, max_wait_ms=10_000.0, dispatch_when_idle=False),
+                        cpu_workers=1)
 
 
 @pytest.fixture(scope="module")

@@ -162,7 +162,7 @@ def test_hub_weights_load_from_a_local_cache_offline_through_the_cli(tmp_path: P
     config = tmp_path / "config.toml"
     config.write_text('[[models]]\nid = "hubvit"\narchitecture = "test_vit.r160_in1k"\nweights = "hub"\n'
                       "max_batch_size = 2\n")
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "SALIENCY_DRAIN_S": "0"}
     port = free_port()
     server = start_server(config, env, port)
     try:

@@ -13,11 +13,14 @@ from fastapi.routing import APIRoute
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from api_schemas.errors import validation_message
 from service import __version__
 from service.http.middleware import BodySizeLimitMiddleware, sane_request_id
+from service.http.middleware import DrainingMiddleware
 from service.http.observation import RequestObservationMiddleware
+from service.http.auth import ApiKeyMiddleware, api_keys_from, cors_options, requires_key
 from service.config import ServerSettings
 from service.http.errors import (
     REQUEST_ID_HEADER, ApiError, V2Error, current_request_id, error_body_for, invalid_request,
@@ -30,6 +33,7 @@ from service.http.routes import methods as methods_routes
 from service.http.routes import metrics as metrics_routes
 from service.http.routes import models as models_routes
 from service.http.routes import predict as predict_routes
+from service.http.routes import ui as ui_routes
 from service.http.routes import v2 as v2_routes
 from service.model.served import ServedModel, load_served_model
 from service.http.state import ServiceState
@@ -118,18 +122,32 @@ def create_app(
         description="Batched predictions and saliency maps for timm image classifiers.",
         lifespan=lifespan,
         generate_unique_id_function=operation_id,
+        docs_url=None,  # /docs and /redoc: service/http/routes/ui.py, with their assets served from here
+        redoc_url=None,
     )
     for routes in (health_routes, models_routes, predict_routes, explain_routes, methods_routes, metrics_routes,
                    jobs_routes, v2_routes):
         app.include_router(routes.router)
+    ui_routes.install(app, settings)  # the comparison page at / (ui_enabled), /docs and /redoc
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        max_url_bytes=settings.max_url_bytes, body_timeout_s=settings.body_timeout_s)
+    # After SIGTERM: 503 shutting_down for every new request but the probes and /metrics (service/http/serving.py).
+    app.add_middleware(DrainingMiddleware, service=lambda: getattr(app.state, "service", None))
+    # API keys (when configured): 401 before any work, inside the observation (401s counted and logged).
+    api_keys = api_keys_from(settings)
+    if api_keys is not None:
+        app.add_middleware(ApiKeyMiddleware, keys=api_keys, metrics_require_key=settings.metrics_require_key,
+                           routes=lambda: app.routes)
+    # CORS (when origins are configured), outside the keys: preflights answered, and a 401 readable by the page.
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, **cors_options(settings.cors_origins))
     # Sees every request, the ones the body-size limit refuses included.
     app.add_middleware(RequestObservationMiddleware, service=lambda: getattr(app.state, "service", None))
     # Outermost: X-Request-ID kept (when sane) or generated, on every response; the access log and error bodies
     # read it (asgi_correlation_id.correlation_id).
     app.add_middleware(CorrelationIdMiddleware, header_name=REQUEST_ID_HEADER, validator=sane_request_id)
-    install_openapi(app)
+    # With keys, the document declares them (bearer and X-API-Key) on every operation that needs one.
+    install_openapi(app, None if api_keys is None else lambda path: requires_key(path, settings.metrics_require_key))
     install_tracing(app)  # only when the OTEL_* variables ask for it
     return app

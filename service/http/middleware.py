@@ -1,15 +1,19 @@
 """ASGI middleware: bodies over the configured size rejected with 413 before they are buffered; the request id
-(`X-Request-ID`) kept or generated."""
+(`X-Request-ID`) kept or generated; new requests refused with 503 while the server drains."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
+from typing import TYPE_CHECKING, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.http.errors import ApiError, error_body_for
+
+if TYPE_CHECKING:
+    from service.http.state import ServiceState
 
 # A client's X-Request-ID is kept when it is 1 to 128 of these characters (a UUID, a trace id, `req-42`...);
 # anything else (spaces, quotes, control characters: log injection) is replaced by a generated one.
@@ -102,3 +106,26 @@ async def _send_error(send: Send, error: ApiError, path: str = "") -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+# Answer during a drain: liveness (a draining process is alive), readiness (it says 503 itself) and the metrics.
+DRAIN_EXEMPT = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+
+
+class DrainingMiddleware:
+    """Once the server drains (SIGTERM, `ServiceState.draining`), every new request but the probes and `/metrics`
+    gets 503 `shutting_down` with `Retry-After` and `Connection: close`, so that clients and load balancers retry
+    on another replica; the requests already inside go on."""
+
+    def __init__(self, app: ASGIApp, service: Callable[[], ServiceState | None]) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        service = self.service() if scope["type"] == "http" else None
+        path = scope.get("path", "")
+        if service is not None and service.draining and path not in DRAIN_EXEMPT:
+            await _send_error(send, ApiError(503, "shutting_down", "the server is shutting down: retry on another "
+                                             "replica", {"Retry-After": "5", "Connection": "close"}), path)
+            return
+        await self.app(scope, receive, send)

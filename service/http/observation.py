@@ -25,8 +25,9 @@ access_log = logging.getLogger("saliency.access")
 
 _MODEL_PATH = re.compile(r"^/v1/models/([^/]+)(?:/([a-z_]+))?$")
 _V2_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/|$)")
-# Probes and scrapes: logged at debug, not info (they would drown the log).
-QUIET_ENDPOINTS = frozenset({"healthz", "readyz", "metrics", "v2_live", "v2_ready", "v2_model_ready"})
+# Probes, scrapes and the page's static files: logged at debug, not info (they would drown the log).
+QUIET_ENDPOINTS = frozenset({"healthz", "readyz", "metrics", "v2_live", "v2_ready", "v2_model_ready", "ui_assets",
+                             "docs_assets"})
 _UNMATCHED = "unmatched"  # paths no route serves: one label value, whatever the path
 
 _current: contextvars.ContextVar[RequestObservation | None] = contextvars.ContextVar("saliency_request", default=None)
@@ -145,8 +146,10 @@ def log_request(scope: Scope, observation: RequestObservation) -> None:
         "queue_ms": None if observation.queue_seconds is None else round(observation.queue_seconds * 1000.0, 2),
         "compute_ms": None if observation.compute_seconds is None else round(observation.compute_seconds * 1000.0, 2),
         "batch_size": observation.batch_size,
+        "caller": observation.caller,  # the API key's fingerprint (never the key); empty without keys
     }
-    details = " ".join(f"{key}={fields[key]}" for key in ("model", "code", "queue_ms", "compute_ms", "batch_size")
+    details = " ".join(f"{key}={fields[key]}" for key in ("model", "caller", "code", "queue_ms", "compute_ms",
+                                                          "batch_size")
                        if fields[key] not in (None, "", NO_MODEL))
     methods = f" methods={','.join(observation.methods)}" if observation.methods else ""
     access_log.log(level, "%s %s %s %d %.1fms%s%s", fields["client"] or "-", fields["method"], fields["path"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -67,8 +68,9 @@ def json_request_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": _register(model)}}}}
 
 
-def install_openapi(app: FastAPI) -> None:
-    """Generate the document once, adding the schemas that request bodies refer to."""
+def install_openapi(app: FastAPI, protected: Callable[[str], bool] | None = None) -> None:
+    """Generate the document once, adding the schemas that request bodies refer to. With `protected` (API keys
+    configured), the security schemes are declared and required by each operation whose path it accepts."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -77,6 +79,8 @@ def install_openapi(app: FastAPI) -> None:
             )
             document.setdefault("components", {}).setdefault("schemas", {}).update(_EXTRA_SCHEMAS)
             _envelope_for_fastapi_validation_errors(document)
+            if protected is not None:
+                _declare_api_keys(document, protected)
             app.openapi_schema = document
         return app.openapi_schema
 
@@ -101,3 +105,31 @@ def _envelope_for_fastapi_validation_errors(document: dict[str, Any]) -> None:
         schemas.pop("HTTPValidationError", None)
         if "#/components/schemas/ValidationError" not in repr(document):
             schemas.pop("ValidationError", None)
+
+
+# The two ways of sending an API key (service/http/auth.py); either is enough.
+SECURITY_SCHEMES: dict[str, dict[str, Any]] = {
+    "bearerAuth": {"type": "http", "scheme": "bearer", "description": "An API key: `Authorization: Bearer KEY`."},
+    "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "An API key."},
+}
+_HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
+
+
+def _declare_api_keys(document: dict[str, Any], protected: Callable[[str], bool]) -> None:
+    """The security schemes, and on each operation that needs a key, its requirement and its 401."""
+    document.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+    for path, item in document.get("paths", {}).items():
+        if not protected(path):
+            continue
+        v2 = path == "/v2" or path.startswith("/v2/")
+        unauthorized = {
+            "description": "No API key was sent (`missing_api_key`), or not a valid one (`invalid_api_key`).",
+            "headers": {"WWW-Authenticate": {"description": '`Bearer realm="saliency-server"`.',
+                                             "schema": {"type": "string"}}},
+            "content": {"application/json": {"schema": {
+                "$ref": REF_TEMPLATE.format(model="V2ErrorResponse" if v2 else "ErrorResponse")}}},
+        }
+        for method, operation in item.items():
+            if method in _HTTP_METHODS:
+                operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
+                operation.setdefault("responses", {})["401"] = unauthorized

@@ -23,6 +23,7 @@ from service.runtime.devices import DeviceWorkers, use_one_thread
 from service.runtime.metrics import Metrics, build_info
 from service.runtime.processor import PredictJob, make_batch_processor, predict_batch
 from service.visualization.jobs import JobManager
+from service.visualization.store import create_job_store
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class ServiceState:
     decode_pool: ThreadPoolExecutor = field(init=False)
     jobs: JobManager = field(init=False)  # visualization jobs
     warmup_task: asyncio.Task[None] | None = None
+    draining: bool = False  # SIGTERM received: not ready, new requests refused (service/http/serving.py)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.settings.predicted_class_limit)
@@ -49,12 +51,19 @@ class ServiceState:
         self.decode_pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode",
                                               initializer=use_one_thread)
         self.jobs = JobManager(self.workers, self.decode_pool, self.settings.max_jobs, self.settings.max_finished_jobs,
-                               observe_step=self.metrics.observe_job_step)
+                               observe_step=self.metrics.observe_job_step,
+                               store=create_job_store(self.settings.job_store, self.settings.max_finished_jobs,
+                                                      self.settings.job_ttl_s))
         self.metrics.track_jobs(self.jobs.state_counts)
 
     @property
     def ready(self) -> bool:
-        return all(m.ready for m in self.models.values())
+        return not self.draining and all(m.ready for m in self.models.values())
+
+    def start_draining(self) -> bool:
+        """Fail readiness and refuse new requests from now on (called from the signal handler)."""
+        self.draining = True
+        return True
 
     def start_queues(self) -> None:
         """Create and start one batch queue per model."""
@@ -71,6 +80,7 @@ class ServiceState:
                 queue_size=cfg.queue_size,
                 timeout_s=cfg.timeout_s,
                 on_batch=self.metrics.observe_batch,
+                dispatch_when_idle=cfg.dispatch_when_idle,
             )
             queue.start()
             self.queues[served.id] = queue

@@ -1,9 +1,11 @@
 """A bounded async queue per model whose consumer forms batches and runs them on the device's lanes.
 
 The consumer takes the first waiting request, waits for a free lane of the device (shared with the other models on
-it), then adds whatever else is waiting, up to `max_batch_size` (divided by the device's lane count, rounded up)
-or until `max_wait_ms` after the first request, and starts the batch without waiting for it to finish: with two
-CPU lanes the next batch forms and runs while the previous one is still computing.
+it), then adds whatever else is waiting, up to `max_batch_size` (divided by the device's lane count, rounded up),
+and starts the batch without waiting for it to finish: with two CPU lanes the next batch forms and runs while the
+previous one is still computing. When every lane was busy as the first request was taken, it also waits for more
+requests until `max_wait_ms` after the first (they would wait for a lane anyway); when a lane was free, the batch
+starts at once (no batching penalty for a lone client).
 
 Abandoned work: an item whose requester has gone (its timeout passed, or its client disconnected and the waiting
 coroutine was cancelled) is marked abandoned from the event loop. An abandoned item is not started: it is dropped
@@ -115,6 +117,8 @@ class Lanes(Protocol):
 
     def release(self, index: int) -> None: ...
 
+    def has_free_lane(self) -> bool: ...  # a lane is free now and nobody waits for one
+
     def executor(self, index: int) -> Executor: ...
 
 
@@ -142,6 +146,9 @@ class SingleLane:
     def release(self, index: int) -> None:
         assert self._free is not None
         self._free.release()
+
+    def has_free_lane(self) -> bool:
+        return self._free is None or not self._free.locked()
 
     def executor(self, index: int) -> Executor:
         return self._executor
@@ -225,8 +232,10 @@ class BatchQueue(Generic[P, R]):
         queue_size: int,
         timeout_s: float,
         on_batch: Callable[[BatchStats], None] | None = None,
+        dispatch_when_idle: bool = True,
     ) -> None:
         self.name = name
+        self.dispatch_when_idle = dispatch_when_idle
         self._process = process
         self._lanes: Lanes = SingleLane(lanes) if isinstance(lanes, Executor) else lanes
         self.max_batch_size = max_batch_size
@@ -295,13 +304,17 @@ class BatchQueue(Generic[P, R]):
                 pass
             self._consumer = None
 
-    async def _collect(self, first: _Pending) -> list[_Pending]:
+    async def _collect(self, first: _Pending, wait: bool = True) -> list[_Pending]:
+        """`first` and what else is waiting, up to the batch cap; with `wait`, also what arrives until `max_wait_ms`
+        after `first` was enqueued."""
         batch = [first]
         deadline = first.enqueued_at + self.max_wait_s
         while len(batch) < self.batch_cap:
             if not self._queue.empty():
                 batch.append(self._queue.get_nowait())
                 continue
+            if not wait:
+                break
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
@@ -317,12 +330,16 @@ class BatchQueue(Generic[P, R]):
         while True:
             first = await self._queue.get()
             self._held = 1
+            # No batching penalty when idle: a lane free at once means the device has spare capacity, so the batch
+            # starts with what is already waiting. Waiting up to max_wait_ms for more pays only while every lane is
+            # busy (the next request would wait for a lane anyway).
+            idle = self.dispatch_when_idle and self._lanes.has_free_lane()
             try:
                 lane = await self._lanes.acquire(self.name)
             finally:
                 self._held = 0
             try:
-                batch = await self._collect(first)
+                batch = await self._collect(first, wait=not idle)
             except BaseException:
                 self._lanes.release(lane)
                 self._queue.task_done()

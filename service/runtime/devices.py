@@ -20,6 +20,7 @@ predictions and explanations, and another thread would need another copy and thr
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections import deque
@@ -29,9 +30,17 @@ from typing import Any, Callable
 import torch
 
 from service.model.served import use_copy
+from service.runtime.cpu_quota import quota_thread_count
 
-# torch's intra-op thread count of the process as started (the cores, or OMP_NUM_THREADS).
-COMPUTE_THREADS = torch.get_num_threads()
+log = logging.getLogger(__name__)
+
+
+def _initial_threads() -> tuple[int, str]:
+    """torch's intra-op thread count for the process: OMP_NUM_THREADS when set, else torch's default (the host's
+    cores) lowered to the container's CPU quota and affinity (service/runtime/cpu_quota.py); set on torch now."""
+    threads, reason = quota_thread_count(torch.get_num_threads())
+    use_threads(threads)
+    return threads, reason
 
 
 def use_threads(count: int) -> None:
@@ -42,6 +51,10 @@ def use_threads(count: int) -> None:
     """
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
+
+
+# The process's intra-op thread count, split between the CPU lanes, and where it comes from (logged with the lanes).
+COMPUTE_THREADS, COMPUTE_THREADS_REASON = _initial_threads()
 
 
 def use_one_thread() -> None:
@@ -128,6 +141,10 @@ class DeviceLanes:
                 self.release(future.result())
             raise
 
+    def has_free_lane(self) -> bool:
+        """A lane is free now and no batch queue waits for one."""
+        return bool(self._free) and not self._waiters
+
     def release(self, index: int) -> None:
         lender = self._lent.pop(index, None)
         if lender is not None:  # a borrowed lane: its lender goes on
@@ -213,6 +230,9 @@ class DeviceWorkers:
         key = str(device)
         if key not in self._lanes:
             self._lanes[key] = DeviceLanes(device, lane_count(device, self.cpu_workers))
+            if device.type == "cpu":
+                log.info("%s: %d lanes sharing %d torch threads (%s)", device, self._lanes[key].count,
+                         COMPUTE_THREADS, COMPUTE_THREADS_REASON)
         return self._lanes[key]
 
     def for_device(self, device: torch.device) -> ThreadPoolExecutor:

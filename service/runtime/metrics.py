@@ -34,6 +34,7 @@ RATIO_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 19)) + (0.925, 0.95, 
 WORK_KINDS = ("predict", "explain", "job_step")
 OTHER_CLASS = "__other__"  # the predicted-class counter's bucket for classes without their own series
 NO_MODEL = "none"  # the `model` label of requests that name no model (health, methods, jobs)
+ANONYMOUS_CALLER = "anonymous"  # the `caller` label of requests without an API key (or a server without keys)
 
 __all__ = ["Metrics", "PredictedClasses", "RequestObservation", "build_info", "prediction_entropy"]
 
@@ -52,6 +53,7 @@ class RequestObservation:
     queue_seconds: float | None = None
     compute_seconds: float | None = None
     batch_size: int | None = None
+    caller: str = ""  # the fingerprint of the API key the request was authenticated with; empty: none
 
 
 def prediction_entropy(probabilities: Sequence[float]) -> float:
@@ -196,6 +198,11 @@ class Metrics:
             "saliency_request_duration_seconds", "End-to-end request latency, every outcome (status, code).",
             ["model", "endpoint", "status", "code"], buckets=LATENCY_BUCKETS, registry=registry,
         )
+        self.caller_requests = Counter(
+            "saliency_caller_requests", "HTTP requests by caller (the API key's fingerprint: the first 8 hex digits "
+            "of its SHA-256; `anonymous` without a key), endpoint and status.",
+            ["caller", "endpoint", "status"], registry=registry,
+        )
         self.in_flight = Gauge(
             "saliency_requests_in_flight", "Requests being handled now, by the model they name (`none`: no model).",
             ["model"], registry=registry,
@@ -274,6 +281,7 @@ class Metrics:
         labels = (request.model, request.endpoint, str(request.status), request.code)
         self.requests.labels(*labels).inc()
         self.latency.labels(*labels).observe(request.seconds)
+        self.caller_requests.labels(request.caller or ANONYMOUS_CALLER, request.endpoint, str(request.status)).inc()
 
     def observe_batch(self, stats: BatchStats) -> None:
         """Per batch: each item's queue wait, and each kind's item count and compute time."""

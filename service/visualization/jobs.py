@@ -13,23 +13,35 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Callable, Protocol, Sequence
+from datetime import UTC, datetime
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from api_schemas import ErrorDetail, JobProgress, JobStatus, VisualizationRequest, VisualizationResult
+from api_schemas import (
+    ErrorDetail,
+    JobProgress,
+    JobStatus,
+    VisualizationRequest,
+    VisualizationResult,
+)
 from service.model.served import ServedModel
 from service.png import png_base64
 from service.visualization.objective import Objective, ObjectiveError
 from service.visualization.optimizer import ActivationMaximizer, OptimizationSettings
+from service.visualization.store import (
+    ACTIVE,
+    JobStore,
+    JobStoreError,
+    MemoryJobStore,
+    replica_lost_error,
+)
 
 log = logging.getLogger(__name__)
-
-ACTIVE = ("queued", "running")
 
 
 class DeviceExecutors(Protocol):
@@ -70,7 +82,7 @@ class JobsClosedError(RuntimeError):
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def encode_png(image: np.ndarray) -> str:
@@ -135,30 +147,36 @@ class VisualizationJob:
 
 
 class JobManager:
-    """Creates, runs, cancels and retains visualization jobs."""
+    """Creates, runs, cancels and retains visualization jobs.
+
+    The jobs this process runs are held here (`max_jobs` counts them: a per-process limit); their records live in
+    the store (`store.py`): this process's memory by default, or Redis, shared by every replica, where any replica
+    answers for any job and cancels it through its record.
+    """
 
     def __init__(self, workers: DeviceExecutors, encode_pool: Executor, max_jobs: int, max_finished_jobs: int,
-                 observe_step: Callable[[str, float, float], None] | None = None) -> None:
+                 observe_step: Callable[[str, float, float], None] | None = None,
+                 store: JobStore | None = None) -> None:
         self._workers = workers
         # Told (model id, seconds the step waited for the device, seconds it computed) after each step.
         self._observe_step = observe_step
         self._encode_pool = encode_pool
         self.max_jobs = max_jobs
         self.max_finished_jobs = max_finished_jobs
-        self._jobs: dict[str, VisualizationJob] = {}
+        self.store: JobStore = store if store is not None else MemoryJobStore(max_finished_jobs)
+        self._local: dict[str, VisualizationJob] = {}  # the active jobs this process runs
         self._shapes: dict[tuple[str, str | None, tuple[int, int]], tuple[int, ...]] = {}
         self._closed = False
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._unsynced: set[str] = set()  # jobs whose latest progress write failed (logged once)
 
     def state_counts(self) -> dict[str, int]:
-        """Jobs held per status."""
-        counts: dict[str, int] = {}
-        for job in self._jobs.values():
-            counts[job.status] = counts.get(job.status, 0) + 1
-        return counts
+        """Jobs held per status (with a shared store: the jobs this process runs)."""
+        return self.store.state_counts(self._local.values())
 
     @property
     def active_count(self) -> int:
-        return sum(1 for job in self._jobs.values() if job.active)
+        return sum(1 for job in self._local.values() if job.active)
 
     def check_capacity(self) -> None:
         if self._closed:
@@ -209,51 +227,121 @@ class JobManager:
         self._shapes[key] = shape
         return shape
 
-    def start(self, served: ServedModel, objective: Objective, params: VisualizationRequest) -> VisualizationJob:
-        """Create the job and its task; raises JobLimitError when `max_jobs` are active."""
+    async def start(self, served: ServedModel, objective: Objective,
+                    params: VisualizationRequest) -> VisualizationJob:
+        """Create the job (its record first) and its task; raises JobLimitError when `max_jobs` are active here,
+        JobStoreError when the store cannot record it."""
         self.check_capacity()
         job = VisualizationJob(id=uuid.uuid4().hex, model_id=served.id, params=params)
-        self._jobs[job.id] = job
+        self._local[job.id] = job  # counted from now on: concurrent starts see it
+        try:
+            await self.store.add(job)
+        except BaseException:
+            del self._local[job.id]
+            raise
+        if self._closed:  # shut down while the record was written
+            job.finish("cancelled", error=ErrorDetail(code="shutting_down", message="the server shut down"))
+            await self._finished(job)
+            raise JobsClosedError("the server is shutting down")
         job.task = asyncio.get_running_loop().create_task(self._run(job, served, objective),
                                                           name=f"visualization-{job.id}")
+        if self.store.shared and self._heartbeat is None:
+            self._heartbeat = asyncio.get_running_loop().create_task(self._beat(), name="visualization-heartbeat")
         return job
 
     def get(self, job_id: str) -> VisualizationJob | None:
-        return self._jobs.get(job_id)
+        """The job object, where this process holds it (running here, or kept by the memory store)."""
+        job = self._local.get(job_id)
+        if job is None and isinstance(self.store, MemoryJobStore):
+            job = self.store.held(job_id)
+        return job
 
-    def jobs(self) -> Sequence[VisualizationJob]:
-        return list(self._jobs.values())
+    async def status(self, job_id: str) -> JobStatus | None:
+        """The job's status and result, from the store; None when unknown."""
+        return await self.store.get(job_id)
 
-    def cancel(self, job_id: str) -> VisualizationJob | None:
-        """Cancel an active job (it stays listed as cancelled); forget a finished one. None when unknown."""
-        job = self._jobs.get(job_id)
-        if job is None:
-            return None
-        if not job.active:
-            del self._jobs[job_id]
-            return job
+    async def statuses(self) -> list[JobStatus]:
+        """Every job the store holds, oldest first, without results."""
+        return await self.store.list()
+
+    async def cancel(self, job_id: str) -> JobStatus | None:
+        """Cancel an active job (it stays listed as cancelled); forget a finished one. None when unknown.
+
+        A job running here stops at once; one running on another replica is cancelled through its record, and
+        its replica stops it before its next step or two."""
+        job = self._local.get(job_id)
+        if job is None or not job.active:
+            return await self.store.cancel(job_id)
         job.finish("cancelled")
         if job.task is not None:
             job.task.cancel()
-        self._evict()
-        return job
+        await self._finished(job)
+        return job.to_status()
 
     async def shutdown(self) -> None:
         """Refuse new jobs, cancel active ones and wait for their tasks to end."""
         self._closed = True
-        tasks = []
-        for job in self._jobs.values():
+        jobs, tasks = list(self._local.values()), []
+        for job in jobs:
             if job.active:
                 job.finish("cancelled", error=ErrorDetail(code="shutting_down", message="the server shut down"))
             if job.task is not None and not job.task.done():
                 job.task.cancel()
                 tasks.append(job.task)
         await asyncio.gather(*tasks, return_exceptions=True)
+        for job in jobs:  # a task cancelled before it started never recorded its end
+            await self._finished(job)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        await self.store.close()
 
-    def _evict(self) -> None:
-        finished = [job_id for job_id, job in self._jobs.items() if not job.active]
-        for job_id in finished[: max(0, len(finished) - self.max_finished_jobs)]:
-            del self._jobs[job_id]
+    async def _finished(self, job: VisualizationJob) -> None:
+        """Record a finished job in the store and stop holding it here."""
+        try:
+            await self.store.finish(job)
+        except JobStoreError:
+            log.exception("visualization job %s ended %s but its record could not be updated", job.id, job.status)
+        finally:
+            self._local.pop(job.id, None)
+            self._unsynced.discard(job.id)
+
+    async def _sync(self, job: VisualizationJob) -> bool:
+        """Record the progress; False when the job was cancelled (or declared lost) elsewhere: stop it."""
+        try:
+            stored = await self.store.sync(job)
+        except JobStoreError as exc:
+            if job.id not in self._unsynced:
+                self._unsynced.add(job.id)
+                log.warning("visualization job %s: progress not recorded (%s); it keeps running", job.id, exc)
+            return True
+        self._unsynced.discard(job.id)
+        if stored in ACTIVE:
+            return True
+        if stored == "failed":
+            job.finish("failed", error=replica_lost_error())
+        else:  # cancelled elsewhere, or its record is gone
+            job.finish("cancelled")
+        log.info("visualization job %s on %r stopped at step %d: %s elsewhere", job.id, job.model_id, job.step,
+                 stored or "forgotten")
+        return False
+
+    async def _beat(self) -> None:
+        """Tell the store every `heartbeat_s` that this process still runs its active jobs."""
+        failing = False
+        while True:
+            try:
+                await self.store.heartbeat([job for job in self._local.values() if job.active])
+            except JobStoreError as exc:
+                if not failing:  # once per outage
+                    log.warning("visualization job heartbeats failing (other replicas will declare this one's jobs "
+                                "lost if it lasts): %s", exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("visualization job heartbeats recorded again")
+                failing = False
+            await asyncio.sleep(self.store.heartbeat_s)
 
     async def _run(self, job: VisualizationJob, served: ServedModel, objective: Objective) -> None:
         loop = asyncio.get_running_loop()
@@ -282,12 +370,17 @@ class JobManager:
                 self._observe_step(served.id, started - submitted, time.perf_counter() - started)
             return value
 
+        interval, synced = self.store.sync_interval_s, -math.inf
         try:
             for index in range(params.steps):
                 value = await loop.run_in_executor(executor, step, index, time.perf_counter())
                 if not math.isfinite(value):
                     raise FloatingPointError(f"the objective became {value} at step {index + 1}; try a smaller lr")
                 job.record(value)
+                if time.monotonic() - synced >= interval:
+                    synced = time.monotonic()
+                    if not await self._sync(job):
+                        return
             image, final = await loop.run_in_executor(executor, maximizer.finish)
             if not math.isfinite(final):
                 raise FloatingPointError(f"the final objective is {final}")
@@ -299,9 +392,9 @@ class JobManager:
             log.info("visualization job %s on %r succeeded (%d steps)", job.id, served.id, params.steps)
         except asyncio.CancelledError:
             job.finish("cancelled")
-        except Exception as exc:  # noqa: BLE001 - reported in the job's status
+        except Exception as exc:
             log.exception("visualization job %s on %r failed", job.id, served.id)
             job.finish("failed", error=ErrorDetail(code="visualization_failed",
                                                    message=f"{type(exc).__name__}: {exc}"))
         finally:
-            self._evict()
+            await self._finished(job)

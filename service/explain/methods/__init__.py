@@ -8,6 +8,7 @@ Private `_*.py` modules hold what several methods share; they register nothing.
 from service.explain.methods import (  # noqa: F401  (imported for their registrations)
     attention_flow,
     attention_layers,
+    attn_lrp,
     auto,
     cam,
     gae,
@@ -17,11 +18,13 @@ from service.explain.methods import (  # noqa: F401  (imported for their registr
     input_x_gradient,
     integrated_gradients,
     layercam,
+    lrp,
     norm_attention,
     raw_attention,
     rollout,
     saliency,
     smoothgrad,
+    transformer_attribution,
     value_zeroing,
     vit_cx,
 )
