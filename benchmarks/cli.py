@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from benchmarks.options import SECTIONS, BenchOptions
+from benchmarks.options import COMPARISONS, SECTIONS, BenchOptions
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The command as typed (rebuilt from the parsed options, so it is the same however the CLI was invoked)."""
     words = ["saliency-server", "bench"]
     for name in ("models", "config", "device", "dtype", "image", "duration_s", "warmup_s", "requests",
-                 "concurrency", "skip", "output_json", "output_md"):
+                 "concurrency", "skip", "methods", "comparisons", "output_json", "output_md"):
         value = getattr(args, name)
         if value is None or value == set():
             continue
@@ -32,10 +32,14 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     unknown = set(args.skip) - set(SECTIONS)
     if unknown:
         raise SystemExit(f"--skip: unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    unknown = set(args.comparisons or ()) - set(COMPARISONS)
+    if unknown:
+        raise SystemExit(f"--comparisons: unknown comparisons {sorted(unknown)}; choose from {', '.join(COMPARISONS)}")
     values = {
         "models": args.models, "config": args.config, "device": args.device, "dtype": args.dtype,
         "image": args.image, "duration_s": args.duration_s, "warmup_s": args.warmup_s, "requests": args.requests,
-        "concurrency": args.concurrency, "skip": set(args.skip), "output_json": args.output_json,
+        "concurrency": args.concurrency, "skip": set(args.skip), "methods": args.methods,
+        "comparisons": args.comparisons, "output_json": args.output_json,
         "output_md": args.output_md,
         "command": command_line(args),
     }
@@ -84,6 +88,11 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--concurrency", type=_csv_ints, help="client counts of the /predict runs (default 1,8,32)")
     bench.add_argument("--skip", type=lambda t: {s.strip() for s in t.split(",") if s.strip()}, default=set(),
                        help=f"comma-separated sections to leave out: {', '.join(SECTIONS)}")
+    names = lambda t: {s.strip() for s in t.split(",") if s.strip()}  # noqa: E731
+    bench.add_argument("--methods", type=names, metavar="NAMES",
+                       help="explanation cost of these registered methods only (comma-separated; default: all)")
+    bench.add_argument("--comparisons", type=names, metavar="NAMES",
+                       help=f"reference comparisons to run (comma-separated, default all): {', '.join(COMPARISONS)}")
     bench.add_argument("--smoke", action="store_true",
                        help="a tiny model and a few requests: checks that everything runs (timings meaningless)")
     bench.add_argument("--output-json", help="write the full report as JSON here")

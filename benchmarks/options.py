@@ -8,6 +8,8 @@ from typing import Any
 DEFAULT_MODEL = "deit_tiny_patch16_224"
 DEFAULT_REFERENCE_CNN = "resnet18"
 SECTIONS = ("baseline", "predict", "explain_http", "explain_cost", "references")
+# The reference comparisons (--comparisons), by the method compared.
+COMPARISONS = ("gradcam", "rollout", "saliency", "integrated_gradients", "lrp", "attn_lrp", "transformer_attribution")
 
 # --smoke: a ViT small enough to run every part in seconds (32x32 input, 8x8 patches, 2 blocks, 10 classes).
 SMOKE_MODEL: dict[str, Any] = {
@@ -40,10 +42,15 @@ class BenchOptions:
     explain_http_method: str | None = None  # None: raw_attention for ViTs, gradcam for CNNs
     explain_http_concurrency: list[int] = field(default_factory=lambda: [1, 8])
     skip: set[str] = field(default_factory=set)
+    methods: set[str] | None = None  # explanation cost of these methods only (None: every registered method)
+    comparisons: set[str] | None = None  # these reference comparisons only (None: all of COMPARISONS)
     smoke: bool = False
     output_json: str | None = None
     output_md: str | None = None
     command: str = "saliency-server bench"
+
+    def compares(self, name: str) -> bool:
+        return self.comparisons is None or name in self.comparisons
 
     @classmethod
     def smoke_preset(cls, **overrides: Any) -> BenchOptions:

@@ -5,15 +5,24 @@
   on `attn_drop` with timm's fused attention switched off, one image at a time, the product in numpy), but
   correct (rows renormalised after adding the identity, prefix tokens kept);
 - once methods named `saliency` / `integrated_gradients` are registered, Captum's Saliency and
-  IntegratedGradients with the same steps.
+  IntegratedGradients with the same steps;
+- the relevance-propagation methods (`benchmarks.relevance_references`, the references their tests use): `lrp`
+  against zennit's Gradient attributor called directly (same composite and canonizers, on a copy of the CNN),
+  `attn_lrp` against lxt's explicit AttnLRP rules composed into the ViT's forward pass (batched), and
+  `transformer_attribution` against the per-image port of Chefer et al.'s relprop code (float32, as the authors run
+  it).
 
 For each: the speed ratio (reference time / ours, both producing the maps from the same input batch) and the
 largest absolute difference of the min-max-normalised maps, compared at the same resolution (pytorch-grad-cam's
-own normalise, resize to the input, normalise again is replicated on our maps).
+own normalise, resize to the input, normalise again is replicated on our maps). The relevance maps are signed: their
+difference is taken relative to each reference map's largest |value| (the tests' tolerance), and they have no
+speed-up target (the same computation as the reference, batched; reported for information).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 from typing import Any, Callable
 
@@ -32,6 +41,9 @@ from service.model.served import ServedModel
 log = logging.getLogger(__name__)
 
 MAX_ABS_DIFF_TARGET = 1e-4
+REFERENCE_SPEEDUP = 1.5  # the speed-up target of the comparisons that have one
+MINMAX = "of the min-max-normalised maps"
+RELATIVE = "relative to each reference map's largest absolute value"
 
 
 def minmax(maps: torch.Tensor) -> torch.Tensor:
@@ -52,6 +64,17 @@ def max_abs_difference(ours: torch.Tensor | np.ndarray, theirs: torch.Tensor | n
     return float((a - b).abs().max())
 
 
+def relative_difference(ours: torch.Tensor | np.ndarray, theirs: torch.Tensor | np.ndarray) -> float:
+    """Signed maps (B, h, w): the largest |ours - theirs| of each image divided by the largest |theirs| of that
+    image, the largest over the batch."""
+    a = torch.as_tensor(np.asarray(ours, dtype=np.float64))
+    b = torch.as_tensor(np.asarray(theirs, dtype=np.float64))
+    scale = b.abs().flatten(1).amax(dim=1)
+    if bool((scale == 0).any()):
+        raise ValueError("a reference map is zero everywhere: nothing to compare")
+    return float(((a - b).abs().flatten(1).amax(dim=1) / scale).max())
+
+
 def our_maps(served: ServedModel, pixels: torch.Tensor, method: str, targets: list[int] | None,
              params: dict[str, Any] | None = None) -> torch.Tensor:
     """Our pipeline's maps (B, h, w) for one method, for the given target per image (or top-1)."""
@@ -69,11 +92,14 @@ def our_maps(served: ServedModel, pixels: torch.Tensor, method: str, targets: li
 def _compare(
     name: str, reference: str, served: ServedModel, ours: Callable[[], torch.Tensor],
     theirs: Callable[[], np.ndarray | torch.Tensor], budget_s: float, batch: int, note: str | None = None,
-    min_repeats: int = 2,
+    min_repeats: int = 2, signed: bool = False, tolerance: float = MAX_ABS_DIFF_TARGET,
+    speedup_target: float | None = REFERENCE_SPEEDUP,
 ) -> dict[str, Any]:
+    """`signed`: the maps' difference relative to each reference map's largest |value| (`relative_difference`),
+    else the plain largest difference (of maps the callables have normalised)."""
     ours_out = ours()  # also the warm-up of both
     theirs_out = theirs()
-    difference = max_abs_difference(ours_out, theirs_out)
+    difference = (relative_difference if signed else max_abs_difference)(ours_out, theirs_out)
     our_times, their_times = interleaved([ours, theirs], served.device, budget_s, min_repeats=min_repeats, warmup=0)
     speedup = min(their_times) / min(our_times)  # best of n each: interference only ever adds time
     return {
@@ -89,6 +115,9 @@ def _compare(
         "speedup": speedup,
         "speedup_median": median(their_times) / median(our_times),
         "max_abs_diff": difference,
+        "difference": RELATIVE if signed else MINMAX,
+        "tolerance": tolerance,
+        "speedup_target": speedup_target,
         "spread": max(spread(our_times), spread(their_times)),
         "status": "ok",
         "note": note,
@@ -314,3 +343,181 @@ def captum_comparison(served: ServedModel, pixels: torch.Tensor, budget_s: float
         return _compare(method, reference, served, ours, theirs, budget_s, len(x), note=note, min_repeats=repeats)
 
     return _guard(method, reference, served, run)
+
+
+# --- Relevance propagation ---------------------------------------------------------------------------------------
+
+# Largest difference of the signed maps relative to each reference map's largest |value|: the tolerances of the
+# methods' tests against the same references (tests/test_explain_lrp.py, test_explain_attn_lrp.py,
+# test_explain_transformer_attribution.py).
+LRP_TOLERANCE = 1e-6
+ATTN_LRP_TOLERANCE = 1e-5
+TRANSFORMER_ATTRIBUTION_TOLERANCE = 2e-5
+
+
+def _top1(served: ServedModel, pixels: torch.Tensor) -> list[int]:
+    with torch.inference_mode():
+        return served.predict_probabilities(pixels).argmax(-1).tolist()
+
+
+def _reference_copy(served: ServedModel) -> torch.nn.Module:
+    """The reference's own float32 copy of the network (made once, outside the timing): references that canonize or
+    hook the model in place never touch the served one."""
+    return copy.deepcopy(served.active_network).float().eval().requires_grad_(False)
+
+
+def _method_params(method: str, served: ServedModel) -> tuple[dict[str, Any] | None, str | None]:
+    registered = all_methods().get(method)
+    if registered is None:
+        return None, f"no method named {method!r} is registered"
+    if served.family not in registered.families:
+        return None, f"{method!r} does not apply to {served.family} models"
+    return registered.params_model().model_dump(), None
+
+
+def lrp_comparison(served: ServedModel, pixels: torch.Tensor, budget_s: float) -> dict[str, Any]:
+    """`lrp` (defaults: composite epsilon_plus_flat) against zennit's Gradient attributor with zennit's
+    EpsilonPlusFlat and the same canonizers (zennit's SequentialMergeBatchNorm, and the method's addition canonizer:
+    zennit has none for timm's in-place residual additions), batched, on a copy of the network."""
+    name, reference = "lrp", "zennit Gradient, EpsilonPlusFlat"
+    params, why = _method_params(name, served)
+    if params is None:
+        return _skipped(name, reference, served, why or "")
+
+    def run() -> dict[str, Any]:
+        from zennit.canonizers import SequentialMergeBatchNorm
+        from zennit.composites import EpsilonPlusFlat
+
+        from benchmarks.relevance_references import zennit_lrp_maps
+        from service.explain.methods._lrp import AdditionCanonizer
+
+        if params["composite"] != "epsilon_plus_flat":
+            raise ValueError(f"no zennit composite coded for {params['composite']!r}")
+        targets = _top1(served, pixels)
+        model = _reference_copy(served)
+        x = pixels.to(served.device, torch.float32)
+
+        def theirs() -> torch.Tensor:
+            composite = EpsilonPlusFlat(epsilon=params["epsilon"],
+                                        canonizers=[SequentialMergeBatchNorm(), AdditionCanonizer()])
+            return zennit_lrp_maps(model, composite, x, targets).cpu()
+
+        return _compare(
+            name, reference, served, lambda: our_maps(served, pixels, name, targets).float(), theirs, budget_s,
+            len(pixels), signed=True, tolerance=LRP_TOLERANCE, speedup_target=None,
+            note=f"epsilon {params['epsilon']:g}, batch norms merged, residual additions by the Norm rule; pixel "
+                 f"maps; max abs diff {RELATIVE}",
+        )
+
+    return _guard(name, reference, served, run)
+
+
+def _float64_twin(served: ServedModel) -> ServedModel:
+    """The served model again, on a float64 copy of its network: our pipeline at float64 precision."""
+    twin = dataclasses.replace(served, network=copy.deepcopy(served.network), dtype=torch.float64)
+    twin.ready = True
+    return twin
+
+
+def attn_lrp_comparison(served: ServedModel, pixels: torch.Tensor, budget_s: float) -> dict[str, Any]:
+    """`attn_lrp` (default epsilon, pixel resolution) against lxt's explicit AttnLRP rules composed into the ViT's
+    forward pass, batched, on a copy of the network; lxt's linear_epsilon stabilised with the sign (as ours), its
+    non-linear rules' stabilisers vanishing (ours have none). Timed in the model's precision; the equality check
+    (`max_abs_diff`) runs both once more in float64, since on a deep random-weight ViT float32 rounding alone moves
+    either map by up to about 1% of its peak (`max_abs_diff_timed`: the difference of the timed maps)."""
+    name, reference = "attn_lrp", "lxt explicit AttnLRP rules"
+    params, why = _method_params(name, served)
+    if params is None:
+        return _skipped(name, reference, served, why or "")
+
+    def run() -> dict[str, Any]:
+        from benchmarks.relevance_references import lxt_attn_lrp, lxt_explicit, signed_lxt_stabiliser
+
+        lxt_explicit()  # ImportError (a skip) without lxt
+        targets = _top1(served, pixels)
+        model = _reference_copy(served)
+        target_tensor = torch.tensor(targets, device=served.device)
+        epsilon = float(params["epsilon"])
+        ours_params = {**params, "resolution": "pixels"}
+
+        def lxt_maps(network: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+            with signed_lxt_stabiliser():
+                relevance, _ = lxt_attn_lrp(network, pixels.to(served.device, dtype), target_tensor,
+                                            linear_epsilon=epsilon, copy_model=False)
+            return relevance.sum(dim=1).cpu()
+
+        row = _compare(
+            name, reference, served, lambda: our_maps(served, pixels, name, targets, ours_params).float(),
+            lambda: lxt_maps(model, torch.float32), budget_s, len(pixels), signed=True,
+            tolerance=ATTN_LRP_TOLERANCE, speedup_target=None,
+        )
+        model64 = model.double()
+        row["max_abs_diff_timed"] = row["max_abs_diff"]
+        row["max_abs_diff"] = relative_difference(our_maps(_float64_twin(served), pixels, name, targets, ours_params),
+                                                  lxt_maps(model64, torch.float64))
+        row["difference"] = f"{RELATIVE}, both run in float64"
+        row["note"] = (f"epsilon {epsilon:g}; pixel maps (the default resolution sums them per patch); max abs diff "
+                       f"{RELATIVE}, both in float64 ({row['max_abs_diff_timed']:.1e} between the timed "
+                       f"{str(served.dtype).removeprefix('torch.')} maps)")
+        return row
+
+    if served.family == "vit" and not served.anatomy.has_class_token:
+        return _skipped(name, reference, served, "the lxt reference is written for a ViT with a class token")
+    return _guard(name, reference, served, run)
+
+
+def _per_image_relative(ours: torch.Tensor, theirs: torch.Tensor) -> list[float]:
+    """`relative_difference` of each image."""
+    return [relative_difference(ours[i:i + 1], theirs[i:i + 1]) for i in range(len(theirs))]
+
+
+def transformer_attribution_comparison(served: ServedModel, pixels: torch.Tensor, budget_s: float,
+                                       ) -> dict[str, Any]:
+    """`transformer_attribution` (defaults) against the per-image port of the authors' relprop code (float32, one
+    image at a time, as their code runs), on a copy of the network.
+
+    The method computes its rules and rollout in float32 whatever the model's dtype, so the maps compared are float32
+    maps. On a deep random-weight ViT the residual rule (which rescales relevance by sums that nearly cancel) makes
+    float32 rounding matter: the reference's own float32 and float64 runs then differ by up to tens of times the
+    map's peak on some images. So each image's tolerance is the test's, or where larger, the reference's own float32
+    error on that image (its float64 run, once); `max_abs_diff` is the largest difference, `within_tolerance` the
+    largest ratio of an image's difference to its tolerance (at most 1: equal outputs)."""
+    name, reference = "transformer_attribution", "Chefer et al. relprop, per image"
+    params, why = _method_params(name, served)
+    if params is None:
+        return _skipped(name, reference, served, why or "")
+
+    def run() -> dict[str, Any]:
+        from benchmarks.relevance_references import chefer_maps
+
+        targets = _top1(served, pixels)
+        model = _reference_copy(served)
+        start = int(params["start_layer"]) % served.anatomy.num_layers
+        grid = served.anatomy.grid_size
+        last: dict[str, torch.Tensor] = {}
+
+        def ours() -> torch.Tensor:
+            last["ours"] = our_maps(served, pixels, name, targets).float()
+            return last["ours"]
+
+        def theirs() -> torch.Tensor:
+            last["theirs"] = chefer_maps(model, pixels.to(served.device, torch.float32), targets, start, grid).cpu()
+            return last["theirs"]
+
+        row = _compare(name, reference, served, ours, theirs, budget_s, len(pixels), signed=True,
+                       tolerance=TRANSFORMER_ATTRIBUTION_TOLERANCE, speedup_target=None)
+        precise = chefer_maps(model.double(), pixels.to(served.device, torch.float64), targets, start, grid).cpu()
+        errors = _per_image_relative(last["theirs"], precise)
+        differences = _per_image_relative(last["ours"], last["theirs"])
+        tolerances = [max(TRANSFORMER_ATTRIBUTION_TOLERANCE, e) for e in errors]
+        row["reference_float32_error"] = max(errors)
+        row["within_tolerance"] = max(d / t for d, t in zip(differences, tolerances))
+        row["note"] = (f"start_layer {params['start_layer']}; the reference in float32, as the authors run it (its "
+                       f"float64 run differs from it by up to {max(errors):.1e}); maps on the patch grid; max abs diff "
+                       f"{RELATIVE}; each image within max({TRANSFORMER_ATTRIBUTION_TOLERANCE:g}, the reference's own "
+                       f"float32 error): {row['within_tolerance']:.2f} of it at most")
+        return row
+
+    if served.family == "vit" and not served.anatomy.has_class_token:
+        return _skipped(name, reference, served, "needs a ViT with a class token")
+    return _guard(name, reference, served, run)

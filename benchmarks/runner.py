@@ -21,6 +21,7 @@ from benchmarks.server import ServerProcess, write_config
 from service.config import ModelConfig, ServerSettings, read_config_file
 from service.runtime.batching import lane_batch_cap
 from service.runtime.devices import lane_count
+from service.explain.registry import all_methods
 from service.model.served import ServedModel
 
 log = logging.getLogger(__name__)
@@ -150,18 +151,38 @@ def measure_inprocess(served: ServedModel, image: BenchImage, options: BenchOpti
     batch = served.config.max_batch_size
     if "explain_cost" not in options.skip:
         sizes = sorted({1, batch})
-        _progress(f"{served.id}: explanation cost of every registered method at batch {sizes}")
-        result["explain_cost"] = inprocess.explain_costs(served, image, sizes, options.method_s)
+        methods = all_methods()
+        if options.methods is not None:
+            methods = {name: method for name, method in methods.items() if name in options.methods}
+        which = "every registered method" if options.methods is None else "the methods " + ", ".join(methods)
+        _progress(f"{served.id}: explanation cost of {which} at batch {sizes}")
+        result["explain_cost"] = inprocess.explain_costs(served, image, sizes, options.method_s, methods)
     if "references" not in options.skip:
         _progress(f"{served.id}: comparisons with the reference implementations")
+        budget = options.reference_s
         pixels = inprocess.varied_pixels(served, image, options.reference_batch)
-        comparisons = [references.gradcam_comparison(served, pixels, options.reference_s)]
-        if reference_cnn is not None:
-            cnn_pixels = inprocess.varied_pixels(reference_cnn, image, options.reference_batch)
-            comparisons.append(references.gradcam_comparison(reference_cnn, cnn_pixels, options.reference_s))
-        comparisons.append(references.rollout_comparison(served, pixels, options.reference_s))
+        cnn_pixels = (None if reference_cnn is None
+                      else inprocess.varied_pixels(reference_cnn, image, options.reference_batch))
+        comparisons = []
+        if options.compares("gradcam"):
+            comparisons.append(references.gradcam_comparison(served, pixels, budget))
+            if reference_cnn is not None:
+                comparisons.append(references.gradcam_comparison(reference_cnn, cnn_pixels, budget))
+        if options.compares("rollout"):
+            comparisons.append(references.rollout_comparison(served, pixels, budget))
         for method in ("saliency", "integrated_gradients"):
-            comparisons.append(references.captum_comparison(served, pixels, options.reference_s, method))
+            if options.compares(method):
+                comparisons.append(references.captum_comparison(served, pixels, budget, method))
+        if options.compares("lrp"):  # a CNN method: on the served model if it is one, and on the reference CNN
+            if served.family == "cnn":
+                comparisons.append(references.lrp_comparison(served, pixels, budget))
+            if reference_cnn is not None:
+                comparisons.append(references.lrp_comparison(reference_cnn, cnn_pixels, budget))
+        if served.family == "vit":
+            if options.compares("attn_lrp"):
+                comparisons.append(references.attn_lrp_comparison(served, pixels, budget))
+            if options.compares("transformer_attribution"):
+                comparisons.append(references.transformer_attribution_comparison(served, pixels, budget))
         result["references"] = comparisons
 
 
@@ -190,6 +211,9 @@ def _model_result(model: dict[str, Any], served: ServedModel, server_keys: dict[
 
 def run_benchmark(options: BenchOptions) -> dict[str, Any]:
     started = time.perf_counter()
+    unknown = sorted(set(options.methods or ()) - set(all_methods()))
+    if unknown:
+        raise SystemExit(f"--methods: no registered methods {unknown}; registered: {', '.join(all_methods())}")
     server_keys, models = server_configuration(options)
     image = load_bench_image(options.image, REPO_ROOT)
     settings = ServerSettings.model_validate({**server_keys, "models": models})
@@ -210,6 +234,8 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
             "concurrency": options.concurrency, "baseline_s": options.baseline_s, "method_s": options.method_s,
             "reference_s": options.reference_s, "reference_batch": options.reference_batch,
             "explain_http_concurrency": options.explain_http_concurrency, "skipped_sections": sorted(options.skip),
+            "methods": None if options.methods is None else sorted(options.methods),
+            "comparisons": None if options.comparisons is None else sorted(options.comparisons),
             "server_config": {**server_keys, "models": models + [without_batching(m) for m in models]},
         },
         "server": {},
@@ -236,7 +262,7 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
                 result["baseline"]["images_per_s"] = result["baseline"]["before"]["images_per_s"]
 
     reference_cnn = None
-    if "references" not in options.skip:
+    if "references" not in options.skip and (options.compares("gradcam") or options.compares("lrp")):
         cnn = dict(SMOKE_REFERENCE_CNN) if options.smoke else {"architecture": options.reference_cnn}
         cnn_config = ModelConfig.model_validate({"id": "reference_cnn", "weights": "random", **cnn,
                                                  "device": str(device), "dtype": settings.dtype})

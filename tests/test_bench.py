@@ -16,7 +16,13 @@ from benchmarks.cpu import CpuSnapshot, cpu_usage
 from benchmarks.images import load_bench_image, multipart_body
 from benchmarks.loadgen import Connection, encode_request, percentile
 from benchmarks.options import BenchOptions
-from benchmarks.references import max_abs_difference, minmax, pytorch_grad_cam_scale, reduce_channels
+from benchmarks.references import (
+    max_abs_difference,
+    minmax,
+    pytorch_grad_cam_scale,
+    reduce_channels,
+    relative_difference,
+)
 from benchmarks.report import evaluate_targets, render_markdown
 from benchmarks.runner import server_configuration, without_batching
 from service.cli import build_parser, main
@@ -24,7 +30,12 @@ from service.runtime.devices import default_cpu_lanes
 from service.explain.registry import all_methods
 
 SECTIONS = ("baseline", "predict", "explain_http", "explain_cost", "references", "targets")
-COMPARISONS = {"gradcam (vit)", "gradcam (cnn)", "rollout", "saliency", "integrated_gradients"}
+COMPARISONS = {"gradcam (vit)", "gradcam (cnn)", "rollout", "saliency", "integrated_gradients", "lrp", "attn_lrp",
+               "transformer_attribution"}
+# The relevance methods' comparisons (issue 16): signed maps, their difference relative to each reference map's peak,
+# within the tolerance of the method's own test against the same reference; no speed-up target.
+RELEVANCE = {"lrp": ("zennit", "test_resnet", 1e-6), "attn_lrp": ("lxt", "vit_tiny_patch16_224", 1e-5),
+             "transformer_attribution": ("Chefer", "vit_tiny_patch16_224", 2e-5)}
 
 
 def numbers(value: Any, path: str = "") -> list[tuple[str, float]]:
@@ -110,13 +121,46 @@ def test_smoke_compares_with_the_references(smoke_report) -> None:
     report, _, _ = smoke_report
     (model,) = report["models"]
     comparisons = {c["comparison"]: c for c in model["references"]}
-    assert {"gradcam (vit)", "gradcam (cnn)", "rollout"} <= set(comparisons) <= COMPARISONS
+    assert len(comparisons) == len(model["references"])  # one row each
+    assert {"gradcam (vit)", "gradcam (cnn)", "rollout", *RELEVANCE} <= set(comparisons) <= COMPARISONS
     for name, comparison in comparisons.items():
         if name in all_methods() or name in ("gradcam (vit)", "gradcam (cnn)", "rollout"):
             assert comparison["status"] == "ok", comparison
             assert comparison["speedup"] > 0 and comparison["max_abs_diff"] < 1e-3
+            if comparison.get("within_tolerance") is None:
+                assert comparison["max_abs_diff"] <= comparison["tolerance"], comparison  # equal outputs
         else:
             assert comparison["status"] == "skipped"
+
+
+def test_smoke_compares_the_relevance_methods_with_their_references(smoke_report) -> None:
+    """lrp against zennit (on the reference CNN), attn_lrp against lxt's explicit rules and transformer_attribution
+    against the per-image port of the authors' relprop (on the smoke ViT): timed, and their maps equal."""
+    report, markdown, _ = smoke_report
+    (model,) = report["models"]
+    comparisons = {c["comparison"]: c for c in model["references"]}
+    for name, (library, architecture, tolerance) in RELEVANCE.items():
+        comparison = comparisons[name]
+        assert comparison["status"] == "ok", comparison
+        assert library in comparison["reference"] and comparison["architecture"] == architecture
+        assert comparison["batch_size"] == 2 and comparison["repeats"] >= 2
+        assert comparison["ours_ms_per_image"] > 0 and comparison["reference_ms_per_image"] > 0
+        assert comparison["difference"].startswith("relative") and comparison["speedup_target"] is None
+        assert comparison["tolerance"] == tolerance
+        if name == "transformer_attribution":  # per image: the test's tolerance, or the reference's float32 error
+            assert comparison["within_tolerance"] <= 1.0, comparison
+        else:
+            assert comparison["max_abs_diff"] <= tolerance, comparison
+        if name == "attn_lrp":  # checked in float64; the timed float32 maps' difference beside it
+            assert "float64" in comparison["difference"] and comparison["max_abs_diff_timed"] < 1e-3
+        assert f"| {name} | {comparison['reference']} |" in markdown
+    targets = {t["target"]: t for t in model["targets"]}
+    for name in RELEVANCE:
+        reference = comparisons[name]["reference"]
+        difference = "max abs difference / tolerance, worst image" if name == "transformer_attribution" else (
+            "max abs difference")
+        assert targets[f"{name} vs {reference}: {difference}"]["met"] is True
+        assert f"{name} vs {reference}: speed-up" not in targets  # informational: no speed-up target
 
 
 def test_smoke_markdown_and_targets(smoke_report) -> None:
@@ -224,6 +268,13 @@ def test_bench_options_from_the_command_line() -> None:
                                "--concurrency 1,4 --skip references")
     with pytest.raises(SystemExit):
         options_from_args(build_parser().parse_args(["bench", "--skip", "nothing"]))
+    args = build_parser().parse_args(["bench", "--methods", "lrp,attn_lrp", "--comparisons", "lrp, attn_lrp"])
+    options = options_from_args(args)
+    assert options.methods == {"lrp", "attn_lrp"} and options.comparisons == {"lrp", "attn_lrp"}
+    assert options.compares("lrp") and not options.compares("gradcam") and BenchOptions().compares("gradcam")
+    assert options.command == "saliency-server bench --methods attn_lrp,lrp --comparisons attn_lrp,lrp"
+    with pytest.raises(SystemExit, match="unknown comparisons"):
+        options_from_args(build_parser().parse_args(["bench", "--comparisons", "lrp,shap"]))
 
 
 def test_bench_image_falls_back_to_scikit_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -243,6 +294,11 @@ def test_comparison_helpers() -> None:
     assert reduce_channels(attributions, "max").item() == 3.0 and reduce_channels(attributions, "sum").item() == 0.0
     with pytest.raises(ValueError):
         reduce_channels(attributions, "median")
+    signed = torch.tensor([[[1.0, -4.0]], [[0.5, 0.25]]])
+    # per image: |diff| / max |reference|: 0.2 / 4 and 0.1 / 0.5
+    assert relative_difference(signed + torch.tensor([[[0.2, 0.0]], [[0.0, 0.1]]]), signed) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="zero everywhere"):
+        relative_difference(signed, torch.zeros_like(signed))
 
 
 def test_targets_and_markdown_from_a_synthetic_result() -> None:
@@ -260,7 +316,11 @@ def test_targets_and_markdown_from_a_synthetic_result() -> None:
                                        "cost_x_forward": 1.2}]}],
         "references": [{"comparison": "rollout", "reference": "loop", "status": "ok", "speedup": 2.0,
                         "max_abs_diff": 2e-4, "architecture": "a", "batch_size": 8, "ours_ms_per_image": 1.0,
-                        "reference_ms_per_image": 2.0, "note": None}],
+                        "reference_ms_per_image": 2.0, "note": None},
+                       {"comparison": "lrp", "reference": "zennit", "status": "ok", "speedup": 0.9,
+                        "max_abs_diff": 2e-6, "architecture": "a", "batch_size": 8, "ours_ms_per_image": 1.0,
+                        "reference_ms_per_image": 0.9, "note": None, "tolerance": 1e-6, "speedup_target": None,
+                        "difference": "relative to each reference map's largest |value|"}],
     }
     targets = {t["target"]: t for t in evaluate_targets(result)}
     assert targets["/predict throughput at 32 clients / in-process baseline"]["met"] is True
@@ -268,6 +328,9 @@ def test_targets_and_markdown_from_a_synthetic_result() -> None:
     assert targets["rollout cost at batch 32 (x forward)"]["met"] is False
     assert targets["rollout vs loop: speed-up"]["met"] is True
     assert targets["rollout vs loop: max abs difference"]["met"] is False
+    assert "lrp vs zennit: speed-up" not in targets  # no speed-up target
+    assert targets["lrp vs zennit: max abs difference"]["threshold"] == 1e-6  # its own tolerance
+    assert targets["lrp vs zennit: max abs difference"]["met"] is False  # 2e-6: outputs differ
     result["targets"] = list(targets.values())
     report = {"smoke": False, "environment": {"versions": {"torch": "x"}, "date": "d", "cpu_cores": 2, "cpu": "c",
                                               "memory_gib": None, "gpu": None, "device": "cpu", "torch_threads": 2,

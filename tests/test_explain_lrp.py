@@ -11,7 +11,6 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from zennit.attribution import Gradient
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import (
     EpsilonAlpha2Beta1,
@@ -25,6 +24,7 @@ from zennit.rules import AlphaBeta, Epsilon
 from zennit.torchvision import ResNetCanonizer
 from zennit.types import Linear as LinearOrConvolution
 
+from benchmarks.relevance_references import zennit_lrp_maps
 from service.explain.captures import CaptureBatch, ModelRunner
 from service.explain.methods._lrp import AdditionCanonizer, forget_network, lrp_network
 from service.explain.registry import all_methods
@@ -92,17 +92,9 @@ def zennit_composite(name: str, served, epsilon: float = 1e-6):
 
 
 def zennit_maps(network: nn.Module, composite, pixels: torch.Tensor, targets: list[int]) -> torch.Tensor:
-    """zennit's Gradient attributor with the target logit as output relevance, summed over channels."""
-    model = lrp_network(network)  # zennit merges batch norms into the weights: never on the served network
-
-    def output_relevance(output: torch.Tensor) -> torch.Tensor:
-        one_hot = torch.zeros_like(output)
-        one_hot[torch.arange(len(targets)), torch.tensor(targets)] = 1.0
-        return one_hot * output.detach()
-
-    with Gradient(model, composite) as attributor:
-        _, relevance = attributor(pixels.clone().requires_grad_(True), output_relevance)
-    return relevance.sum(dim=1)
+    """zennit's Gradient attributor with the target logit as output relevance, summed over channels, on a copy of the
+    network (zennit merges batch norms into the weights: never on the served network)."""
+    return zennit_lrp_maps(lrp_network(network), composite, pixels, targets)
 
 
 def method_maps(served, pixels: torch.Tensor, targets: list[int], **params) -> torch.Tensor:

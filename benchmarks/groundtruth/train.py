@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import platform
 import time
 from dataclasses import dataclass, field
