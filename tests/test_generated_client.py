@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import importlib
 import io
-import json
 import os
 import shutil
 import subprocess

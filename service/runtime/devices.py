@@ -2,7 +2,8 @@
 
 A GPU has one lane: its batches run one after another. A CPU device has `cpu_workers` lanes (2 by default when
 there are 2+ cores): two batches run at once, each lane with its own copy of every model (`ServedModel.active_network`
-resolves to the calling lane's copy), and torch's intra-op threads are split between the busy lanes. Why: several
+resolves to the calling lane's copy), and torch's intra-op threads are split between the busy lanes (explanations
+keep the lane's fixed share instead, so that their maps do not depend on the load: `steady_threads`). Why: several
 single-threaded passes at once use a small machine's cores better than one multi-threaded pass, whose OpenMP
 barriers wait on cores that other work (decoding, HTTP) keeps interrupting (figures in the README's benchmark section).
 
@@ -23,6 +24,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, Callable
@@ -30,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from service.model.served import use_copy
+from service.runtime import memory
 from service.runtime.cpu_quota import quota_thread_count
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,20 @@ def use_threads(count: int) -> None:
 
 # The process's intra-op thread count, split between the CPU lanes, and where it comes from (logged with the lanes).
 COMPUTE_THREADS, COMPUTE_THREADS_REASON = _initial_threads()
+
+
+# The calling lane thread's fixed share of the threads (`steady_threads`); unset on other threads.
+_lane = threading.local()
+
+
+def steady_threads() -> None:
+    """On a lane's thread: use the lane's fixed share of the threads (the device's threads divided by its lane count)
+    whatever the number of busy lanes, for work whose result must not depend on the load (explanations: the order of
+    a multi-threaded reduction changes with the thread count, and so do gradient maps, by up to 1.5e-2 of a min-max
+    normalised map). Elsewhere, nothing. The lane's next call gets the usual split again (`DeviceLanes._run`)."""
+    share = getattr(_lane, "share", None)
+    if share is not None:
+        use_threads(share)
 
 
 def use_one_thread() -> None:
@@ -100,9 +117,14 @@ class DeviceLanes:
     """The lanes of one device: hands out free lanes to batch queues, lends a busy lane to another queue at a chunk
     boundary of a long batch (`yield_lane`), and splits the threads between the lanes."""
 
+    # A call that ran at least this long (an explanation, not a prediction) and left every lane idle is followed,
+    # on its lane's thread, by a `memory.trim_memory()`: the memory freed after a burst goes back to the system.
+    trim_after_s = 0.2
+
     def __init__(self, device: torch.device, count: int, threads: int = COMPUTE_THREADS) -> None:
         self.device = device
         self.threads = threads
+        self.share = max(1, threads // count)  # a lane's fixed share, for `steady_threads`
         self._lock = threading.Lock()
         self._busy = 0
         self.executors = [_LaneExecutor(self, index) for index in range(count)]
@@ -202,17 +224,34 @@ class DeviceLanes:
     def _enter(self, index: int) -> None:
         use_copy(index)
         use_threads(self.threads)
+        _lane.index = index
+        _lane.share = self.share
 
     def _run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         with self._lock:
             self._busy += 1
             busy = self._busy
         use_threads(max(1, self.threads // busy))
+        started = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
             with self._lock:
                 self._busy -= 1
+                idle = self._busy == 0
+            if idle and time.perf_counter() - started >= self.trim_after_s:
+                self._trim_later()
+
+    def _trim_later(self) -> None:
+        """Queue a memory trim on the calling lane's thread, behind the call now ending: it runs once that call's
+        result is delivered (no request waits for it), and is not counted as busy."""
+        index = getattr(_lane, "index", None)
+        if index is None or not memory.can_trim():
+            return
+        try:
+            ThreadPoolExecutor.submit(self.executors[index], memory.trim_memory)
+        except RuntimeError:  # shutting down
+            pass
 
     def shutdown(self) -> None:
         for executor in self.executors:

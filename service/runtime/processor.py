@@ -15,6 +15,7 @@ import torch
 
 from service.model.served import ServedModel
 from service.runtime.batching import BatchCancelledError, RunningBatch, current_batch, work_kind
+from service.runtime.devices import steady_threads
 
 # Runs the items of one kind of a batch (on one of the device's lanes) and returns one result per item, in order.
 BatchHandler = Callable[[ServedModel, Sequence[Any], RunningBatch], Sequence[Any]]
@@ -38,7 +39,8 @@ def predict_batch(served: ServedModel, jobs: Sequence[PredictJob], batch: Runnin
 def make_batch_processor(served: ServedModel, handlers: Mapping[type, BatchHandler]):
     """A function running one batch for `served`: the items of each kind share one call of that kind's handler
     (handlers run in the mapping's order), and the results come back in the batch's order. A kind whose items are
-    all abandoned is skipped (each gets the cancellation, which nobody receives)."""
+    all abandoned is skipped (each gets the cancellation, which nobody receives). Every kind but predictions runs
+    with its lane's fixed share of the threads (`steady_threads`): an explanation's maps do not depend on the load."""
 
     def process(items: Sequence[Any]) -> list[Any]:
         unknown = {type(item) for item in items} - set(handlers)
@@ -54,6 +56,8 @@ def make_batch_processor(served: ServedModel, handlers: Mapping[type, BatchHandl
             started = time.perf_counter()
             try:
                 part.checkpoint()
+                if kind is not PredictJob:
+                    steady_threads()
                 outcomes = handler(served, [items[i] for i in indices], part)
             except BatchCancelledError as cancelled:
                 if not batch.any_wanted():
