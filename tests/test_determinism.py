@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 
-import pytest
 import torch
 
 from service.explain.pipeline import ExplainJob, run_explain_batch
@@ -17,13 +16,6 @@ from service.runtime.processor import PredictJob, make_batch_processor, predict_
 from tests.explain_helpers import random_pixels, served_model
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture
-def lanes():
-    pool = DeviceLanes(CPU, 2, threads=2)
-    yield pool
-    pool.shutdown()
 
 
 def _while_other_lane_busy(lanes: DeviceLanes, fn):

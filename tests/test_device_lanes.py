@@ -22,13 +22,6 @@ pytestmark = pytest.mark.anyio
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def lanes():
-    pool = DeviceLanes(CPU, 2, threads=2)
-    yield pool
-    pool.shutdown()
-
-
 def test_a_call_gets_the_threads_divided_by_the_busy_lanes_and_knows_its_lane(lanes) -> None:
     started, finish = threading.Event(), threading.Event()
 

@@ -22,13 +22,6 @@ def trims(monkeypatch):
     return calls
 
 
-@pytest.fixture
-def lanes():
-    pool = DeviceLanes(CPU, 2, threads=2)
-    yield pool
-    pool.shutdown()
-
-
 def _drain(lanes: DeviceLanes) -> None:
     for executor in lanes.executors:  # a trim is queued behind the call on its lane: a later call runs after it
         executor.submit(lambda: None).result(10)

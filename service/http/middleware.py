@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.http.errors import ApiError, error_body_for
+from service.http.errors import ApiError, error_body_for, shutting_down
 
 if TYPE_CHECKING:
     from service.http.state import ServiceState
@@ -125,7 +125,8 @@ class DrainingMiddleware:
         service = self.service() if scope["type"] == "http" else None
         path = scope.get("path", "")
         if service is not None and service.draining and path not in DRAIN_EXEMPT:
-            await _send_error(send, ApiError(503, "shutting_down", "the server is shutting down: retry on another "
-                                             "replica", {"Retry-After": "5", "Connection": "close"}), path)
+            error = shutting_down("the server is shutting down: retry on another replica")
+            error.headers = {**(error.headers or {}), "Connection": "close"}  # the client reconnects elsewhere
+            await _send_error(send, error, path)
             return
         await self.app(scope, receive, send)
