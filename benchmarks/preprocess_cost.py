@@ -1,6 +1,10 @@
 """CPU ms per request for the per-request work outside the model: decoding the upload, the model's eval transform,
 and (for /predict) encoding the JSON response. Single-threaded, as on the decode pool.
 
+Each row shows the old path (Pillow decode, timm's transform on the PIL image) and the server's path
+(`decode_image`, with libspng for plain RGB PNGs, and `ServedModel.preprocess`, with its uint8-tensor resize)
+side by side.
+
     python -m benchmarks.preprocess_cost [--repeats 200]
 
 Images: scikit-image's `chelsea` as a 451x300 PNG and `astronaut` resized to 640x480 as a JPEG (quality 90).
@@ -17,16 +21,16 @@ import time
 from typing import Callable
 
 import numpy as np
-import timm
 import torch
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from PIL import Image
-from timm.data import create_transform
 
 from api_schemas import PredictResponse
+from service.config import ModelConfig, ServerSettings
+from service.http import uploads
 from service.http.uploads import decode_image
-from service.model.served import model_data_config
+from service.model.served import load_served_model
 
 MODELS = ("efficientnet_lite0", "deit_tiny_patch16_224")
 
@@ -72,17 +76,29 @@ def main() -> None:
     body = predict_body()
     # FastAPI's path for a response_model: validate/serialise with pydantic, then JSONResponse (json.dumps).
     encode_ms = cpu_ms(lambda: JSONResponse(jsonable_encoder(body.model_dump(mode="json"))).body, args.repeats)
-    print(f"{'model':<24} {'image':<14} {'decode':>8} {'transform':>10} {'json':>6} {'total':>7}  (CPU ms/request)")
+    print(f"{'model':<24} {'image':<14} {'path':<4} {'decode':>8} {'transform':>10} {'json':>6} {'total':>7}"
+          "  (CPU ms/request)")
     for architecture in MODELS:
-        network = timm.create_model(architecture, pretrained=False)
-        transform = create_transform(**model_data_config(network), is_training=False)
+        config = ModelConfig(id=architecture, architecture=architecture, weights="random")
+        served = load_served_model(config, ServerSettings(models=[config]))
         for name, data in images.items():
-            decode = cpu_ms(lambda: decode_image(data, 100_000_000), args.repeats)
+            old_decode = cpu_ms(lambda: pillow_decode(data), args.repeats)
+            new_decode = cpu_ms(lambda: decode_image(data, 100_000_000), args.repeats)
             image = decode_image(data, 100_000_000)
-            prep = cpu_ms(lambda: transform(image), args.repeats)
-            print(f"{architecture:<24} {name:<14} {decode:8.2f} {prep:10.2f} {encode_ms:6.3f} "
-                  f"{decode + prep + encode_ms:7.2f}")
+            old_prep = cpu_ms(lambda: served.transform(image), args.repeats)
+            new_prep = cpu_ms(lambda: served.preprocess(image), args.repeats)
+            for path, decode, prep in (("old", old_decode, old_prep), ("new", new_decode, new_prep)):
+                print(f"{architecture:<24} {name:<14} {path:<4} {decode:8.2f} {prep:10.2f} {encode_ms:6.3f} "
+                      f"{decode + prep + encode_ms:7.2f}")
 
+
+def pillow_decode(data: bytes) -> object:
+    """`decode_image` with Pillow decoding every image: the path before libspng."""
+    saved, uploads.pyspng = uploads.pyspng, None
+    try:
+        return decode_image(data, 100_000_000)
+    finally:
+        uploads.pyspng = saved
 
 if __name__ == "__main__":
     main()

@@ -10,10 +10,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
+from timm.data.transforms import MaybeToTensor
 from torch import nn
+from torchvision import transforms as T
+from torchvision.transforms.v2.functional import resize_image
 
 from service.config import ModelConfig, ServerSettings
 from service.model.anatomy import ModelAnatomy, analyse_model, model_family
@@ -35,6 +39,54 @@ def use_copy(index: int) -> None:
 def copy_in_use() -> int:
     """The copy of the served models the calling thread runs: 0 (the network as loaded) unless bound."""
     return getattr(_thread, "copy", 0)
+
+
+@dataclass(frozen=True)
+class _TensorTransform:
+    """The steps of an eval transform `Resize -> CenterCrop -> ToTensor -> Normalize` (what timm's `create_transform`
+    builds for crop_mode "center"), run on a uint8 tensor instead of a PIL image.
+
+    The resize is torch's native uint8 antialiased resample (the same filter as Pillow's, with lower-precision
+    fixed-point weights) where the transform runs Pillow's, for a few times less CPU. Tolerance, in uint8 levels
+    before normalisation (1 level = 1/255), tested in tests/test_fast_preprocessing.py: values differ from Pillow's
+    by at most 1 level but for about 1 in 10^5, which differ by 2 on photos and, on pixel noise, rarely up to 4;
+    the mean difference is under 0.01 level. Output sizes and crop offsets are torchvision's, the same for tensors
+    and PIL images; the to-float and normalisation arithmetic is ToTensor's and Normalize's own.
+    """
+
+    resize: T.Resize
+    crop: T.CenterCrop
+    normalize: T.Normalize
+
+    @classmethod
+    def matching(cls, transform: Any) -> _TensorTransform | None:
+        """The fast equivalent of `transform`, or None where it is anything other than that exact pipeline."""
+        steps = getattr(transform, "transforms", None)
+        if type(transform) is not T.Compose or not isinstance(steps, list) or len(steps) != 4:
+            return None
+        resize, crop, to_tensor, normalize = steps
+        if (
+            type(resize) is not T.Resize
+            # the short side to one length (timm's crop_mode "center"); not a (height, width), such as "squash"
+            # builds: torch's resample strays further from Pillow's where the two axes scale differently
+            or not (isinstance(resize.size, int) or len(resize.size) == 1)
+            or resize.interpolation not in (T.InterpolationMode.BICUBIC, T.InterpolationMode.BILINEAR)
+            or resize.antialias not in (True, None)  # None: Pillow antialiases regardless; the tensor path always does
+            or type(crop) is not T.CenterCrop
+            or type(to_tensor) not in (MaybeToTensor, T.ToTensor)
+            or type(normalize) is not T.Normalize
+            or normalize.inplace
+        ):
+            return None
+        return cls(resize, crop, normalize)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # uint8 (C, H, W), channels-last in memory
+        size = [self.resize.size] if isinstance(self.resize.size, int) else list(self.resize.size)
+        pixels = resize_image(pixels, size, self.resize.interpolation, self.resize.max_size, antialias=True)
+        pixels = self.crop(pixels)
+        pixels = pixels.to(torch.float32, memory_format=torch.contiguous_format).div_(255)  # ToTensor's arithmetic
+        return self.normalize(pixels)
 
 
 def weight_sharing_copy(module: nn.Module) -> nn.Module:
@@ -67,12 +119,15 @@ class ServedModel:
     ready: bool = False
     failure: str | None = None  # why the model can never become ready (its warm-up failed)
     copies: list[nn.Module] = field(init=False)  # one per lane; the first is `network` itself
+    # `transform` run on a uint8 tensor (within `_TensorTransform`'s tolerance), where the tensor path reproduces it
+    fast_transform: _TensorTransform | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.network.eval().requires_grad_(False)
         self.network.to(device=self.device, dtype=self.dtype)
         self.copies = [self.network]
         self.transform = create_transform(**self.data_config, is_training=False)
+        self.fast_transform = _TensorTransform.matching(self.transform)
         self.family = model_family(self.network)
         self.anatomy = analyse_model(self.network, self.family, self.input_size)
 
@@ -99,7 +154,16 @@ class ServedModel:
         return len(self.labels)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """timm's eval transform for this model: resize, crop, to tensor, normalise. Returns (C, H, W) float32."""
+        """timm's eval transform for this model: resize, crop, to tensor, normalise. Returns (C, H, W) float32.
+
+        For timm's usual resize-and-centre-crop transform, the steps run on a uint8 tensor (`fast_transform`): the
+        resize is torch's antialiased uint8 resample instead of Pillow's, within 1 uint8 level of it for all but about
+        1 value in 10^5 (the tolerance is `_TensorTransform`'s), for a fraction of the CPU. Other transforms run as
+        built.
+        """
+        fast = self.fast_transform
+        if fast is not None and image.mode == "RGB":
+            return fast(image)
         return self.transform(image)
 
     @torch.inference_mode()
