@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, ImageOps
 from timm.data import resolve_data_config
 
 from service.http import uploads
@@ -93,6 +93,20 @@ def srgb_profile() -> bytes:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
+def exif_orientation(value: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif.tobytes()
+
+
+def xmp_chunk(orientation: int) -> bytes:
+    """An iTXt chunk with an XMP packet giving a TIFF orientation (as photo tools write it)."""
+    packet = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+              '<rdf:Description rdf:about="" xmlns:tiff="http://ns.adobe.com/tiff/1.0/">'
+              f'<tiff:Orientation>{orientation}</tiff:Orientation></rdf:Description></rdf:RDF></x:xmpmeta>')
+    return chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + packet.encode())
+
+
 def fast_path_cases() -> list[Any]:
     return list(_fast_path_cases())
 
@@ -119,14 +133,18 @@ def _fast_path_cases() -> Iterator[Any]:
     yield pytest.param(png_bytes(random_image(7, (1, 1))), id="1x1")
     yield pytest.param(png_bytes(random_image(8, (3, 517))), id="3x517")
     yield pytest.param(png_bytes(random_image(9, (517, 3))), id="517x3")
+    yield pytest.param(raw_png(random_image(17, (40, 30)), before_idat=(chunk(b"tEXt", b"Comment\x00hello"),)),
+                       id="rgb_with_tEXt_before_IDAT")
+    yield pytest.param(png_bytes(random_image(19, (40, 30)), exif=exif_orientation(6)), id="rgb_with_eXIf_rotation")
+    yield pytest.param(raw_png(random_image(21, (40, 30)), before_idat=(xmp_chunk(8),)), id="rgb_with_XMP_rotation")
+    yield pytest.param(raw_png(random_image(22, (40, 30)), before_idat=(xmp_chunk(1),)), id="rgb_with_XMP_upright")
 
 
 @pytest.mark.parametrize("data", fast_path_cases())
 def test_plain_rgb8_png_is_decoded_by_libspng_with_pillows_exact_pixels(data: bytes, spng_calls: list[bytes]) -> None:
     out = decode_image(data, BIG)
     assert spng_calls == [data], "the fast path was not taken"
-    reference = Image.open(io.BytesIO(data))
-    reference.load()
+    reference = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
     assert reference.mode == "RGB" and out.mode == "RGB" and out.size == reference.size
     np.testing.assert_array_equal(np.asarray(out), np.asarray(reference))
     np.testing.assert_array_equal(np.asarray(out), np.asarray(pillow_only_decode(data)))
@@ -148,12 +166,6 @@ def rgba_image() -> np.ndarray:
     return array
 
 
-def exif_orientation(value: int) -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = value
-    return exif.tobytes()
-
-
 def apng() -> bytes:
     frames = [Image.fromarray(random_image(seed, (40, 30))) for seed in (11, 12)]
     buffer = io.BytesIO()
@@ -172,11 +184,12 @@ def _fallback_cases() -> Iterator[Any]:
     yield pytest.param(raw_png(np.random.default_rng(15).integers(0, 65536, (30, 40, 3), dtype=np.uint16)),
                        id="rgb_16_bit")
     yield pytest.param(png_bytes(random_image(16, (40, 30)), transparency=(1, 2, 3)), id="rgb_with_tRNS")
-    yield pytest.param(raw_png(random_image(17, (40, 30)), before_idat=(chunk(b"tEXt", b"Comment\x00hello"),)),
-                       id="rgb_with_tEXt")
+    yield pytest.param(raw_png(random_image(17, (40, 30)), after_idat=(chunk(b"tEXt", b"Comment\x00hello"),)),
+                       id="rgb_with_tEXt_after_IDAT")
+    yield pytest.param(raw_png(random_image(23, (40, 30)), after_idat=(xmp_chunk(6),)),
+                       id="rgb_with_XMP_rotation_after_IDAT")
     yield pytest.param(raw_png(random_image(18, (40, 30)), after_idat=(chunk(b"zTXt", b"k\x00\x00" + zlib.compress(b"v")),)),
                        id="rgb_with_zTXt_after_IDAT")
-    yield pytest.param(png_bytes(random_image(19, (40, 30)), exif=exif_orientation(6)), id="rgb_with_eXIf_rotation")
     yield pytest.param(raw_png(random_image(20, (40, 30)), before_idat=(chunk(b"zzZz", b"unknown"),)),
                        id="rgb_with_unknown_chunk")
     yield pytest.param(apng(), id="animated_png")
@@ -191,10 +204,14 @@ def test_other_pngs_are_decoded_by_pillow_exactly_as_before(data: bytes, spng_ca
     np.testing.assert_array_equal(np.asarray(out), np.asarray(before))
 
 
-def test_exif_orientation_chunk_still_rotates_the_image(spng_calls: list[bytes]) -> None:
-    out = decode_image(png_bytes(random_image(19, (40, 30)), exif=exif_orientation(6)), BIG)
+@pytest.mark.parametrize("data", [
+    pytest.param(png_bytes(random_image(19, (40, 30)), exif=exif_orientation(6)), id="eXIf"),
+    pytest.param(raw_png(random_image(21, (40, 30)), before_idat=(xmp_chunk(8),)), id="XMP_in_iTXt"),
+])
+def test_orientation_metadata_before_the_pixels_still_rotates_the_image(data: bytes, spng_calls: list[bytes]) -> None:
+    out = decode_image(data, BIG)
     assert out.size == (30, 40)
-    assert spng_calls == []
+    assert spng_calls == [data]
 
 
 def test_truncated_png_gives_the_same_error_as_before(spng_calls: list[bytes]) -> None:

@@ -215,23 +215,28 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# Chunks that change neither the pixels Pillow decodes nor the image's orientation: no transparency (tRNS), no text
-# chunks (an XMP packet in iTXt can carry an orientation), no EXIF (eXIf), no animation (acTL, fcTL, fdAT), nothing
-# unknown.
+# Chunks that change neither the pixels Pillow decodes nor how they are oriented: no transparency (tRNS), no
+# animation (acTL, fcTL, fdAT), nothing unknown.
 _PLAIN_PNG_CHUNKS = frozenset({
     b"IHDR", b"IDAT", b"IEND", b"PLTE", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"pHYs", b"tIME", b"sBIT", b"bKGD",
 })
+# Metadata that can carry an orientation (EXIF in eXIf or a text chunk, XMP in iTXt): accepted before the first IDAT
+# only, where opening the file (headers only) has read them into `image.info`, so the orientation is applied from
+# there exactly as Pillow's own decode would. Metadata after the pixels is read only by a full decode: Pillow's.
+_METADATA_PNG_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt", b"eXIf"})
 
 
 def _is_plain_rgb8_png(data: bytes) -> bool:
     """Whether `data` is a complete PNG with 8-bit RGB pixels (IHDR bit depth 8, colour type 2) and only chunks of
-    `_PLAIN_PNG_CHUNKS`, up to IEND: walks the chunk headers, never the pixel data."""
+    `_PLAIN_PNG_CHUNKS`, plus `_METADATA_PNG_CHUNKS` before the first IDAT, up to IEND: walks the chunk headers,
+    never the pixel data."""
     if not data.startswith(_PNG_SIGNATURE):
         return False
     position, end = len(_PNG_SIGNATURE), len(data)
+    seen_pixels = False
     while position + 8 <= end:
         length, kind = struct.unpack_from(">I4s", data, position)
-        if kind not in _PLAIN_PNG_CHUNKS:
+        if kind not in _PLAIN_PNG_CHUNKS and (kind not in _METADATA_PNG_CHUNKS or seen_pixels):
             return False
         if position == len(_PNG_SIGNATURE):  # the first chunk is IHDR: width, height, bit depth, colour type...
             if kind != b"IHDR" or length != 13 or position + 8 + 13 > end:
@@ -243,14 +248,16 @@ def _is_plain_rgb8_png(data: bytes) -> bool:
             return False
         if kind == b"IEND":
             return True
+        seen_pixels = seen_pixels or kind == b"IDAT"
         position += 12 + length  # length, type, data, CRC
     return False  # no IEND: truncated, left to Pillow's error
 
 
 def _decode_plain_png(data: bytes, image: Image.Image) -> Image.Image | None:
     """The pixels of a plain 8-bit RGB PNG (`_is_plain_rgb8_png`) decoded by libspng, identical to Pillow's but in
-    about half the CPU time (the decode is most of an upload's cost outside the model); None where it does not apply
-    or libspng fails, for Pillow to decode (and name what is wrong)."""
+    about half the CPU time (the decode is most of an upload's cost outside the model), carrying the opened file's
+    metadata (`info`: EXIF, XMP) for the orientation; None where it does not apply or libspng fails, for Pillow to
+    decode (and name what is wrong)."""
     if pyspng is None or image.format != "PNG" or image.mode != "RGB" or not _is_plain_rgb8_png(data):
         return None
     try:
@@ -260,7 +267,9 @@ def _decode_plain_png(data: bytes, image: Image.Image) -> Image.Image | None:
     width, height = image.size
     if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.shape != (height, width, 3):
         return None
-    return Image.fromarray(array, "RGB")
+    decoded = Image.fromarray(array, "RGB")
+    decoded.info.update(image.info)
+    return decoded
 
 
 def decode_image(data: bytes, max_pixels: int, check_size: SizeCheck | None = None) -> Image.Image:
@@ -271,9 +280,9 @@ def decode_image(data: bytes, max_pixels: int, check_size: SizeCheck | None = No
     `check_size` raises for the header's size (and again for the EXIF-rotated size): the server passes the bound on
     the size the model's resize would produce (`resized_size_check`).
 
-    A complete 8-bit RGB PNG whose chunks can carry neither transparency nor an orientation is decoded by libspng
-    (pyspng) when it is installed: the same pixels as Pillow's, for less CPU. Any other image, or one libspng
-    refuses, is decoded by Pillow.
+    A complete 8-bit RGB PNG without transparency, animation or metadata after its pixels is decoded by libspng
+    (pyspng) when it is installed: the same pixels and orientation as Pillow's, for less CPU. Any other image, or
+    one libspng refuses, is decoded by Pillow.
     """
     if not data:
         raise ApiError(400, "empty_image", "the image is empty (0 bytes)")
@@ -282,11 +291,12 @@ def decode_image(data: bytes, max_pixels: int, check_size: SizeCheck | None = No
         _check_pixels(image, max_pixels)  # from the header: nothing is decoded yet
         if check_size is not None:
             check_size(*image.size)
-        # Plain RGB PNGs (most photos sent as PNG) skip Pillow's slower decoder: no orientation to apply, no alpha.
+        # Plain RGB PNGs (most photos sent as PNG) skip Pillow's slower decoder; their orientation still applies.
         plain = _decode_plain_png(data, image)
         if plain is not None:
-            return plain
-        image.load()  # animated images: the first frame
+            image = plain
+        else:
+            image.load()  # animated images: the first frame
     except ApiError:
         raise
     except Image.DecompressionBombError as exc:
