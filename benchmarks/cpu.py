@@ -26,6 +26,37 @@ def process_cpu_s(pid: int | None = None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def _stat(path: str) -> tuple[int, float] | None:
+    """(parent pid, user + system CPU seconds) from a /proc/<pid>/stat file."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def tree_cpu_s(pid: int | None = None) -> float | None:
+    """CPU seconds of a process and all its live descendants (a server whose workers are child processes, e.g.
+    LitServe's), or None when unavailable."""
+    root = pid if pid is not None else os.getpid()
+    own = _stat(f"/proc/{root}/stat")
+    if own is None:
+        return None
+    children: dict[int, list[tuple[int, float]]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != root:
+            stat = _stat(f"/proc/{entry}/stat")
+            if stat is not None:
+                children.setdefault(stat[0], []).append((int(entry), stat[1]))
+    total, pending = own[1], [root]
+    while pending:
+        for child, seconds in children.get(pending.pop(), []):
+            total += seconds
+            pending.append(child)
+    return total
+
+
 def machine_busy_s() -> tuple[float, float] | tuple[None, None]:
     """CPU seconds since boot that all cores spent busy (everything but idle, iowait and steal), and stolen (a
     virtual machine's cores running other guests: the hypervisor's share, invisible as processes here)."""
@@ -51,9 +82,9 @@ class CpuSnapshot:
 
 
 def snapshot(pids: dict[str, int | None]) -> CpuSnapshot:
-    """`pids` maps a role (server, client, bench) to a pid (None: this process)."""
+    """`pids` maps a role (server, client, bench) to a pid (None: this process); each counts with its descendants."""
     busy, steal = machine_busy_s()
-    return CpuSnapshot(time.perf_counter(), busy, steal, {role: process_cpu_s(pid) for role, pid in pids.items()})
+    return CpuSnapshot(time.perf_counter(), busy, steal, {role: tree_cpu_s(pid) for role, pid in pids.items()})
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:

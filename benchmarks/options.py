@@ -7,7 +7,7 @@ from typing import Any
 
 DEFAULT_MODEL = "deit_tiny_patch16_224"
 DEFAULT_REFERENCE_CNN = "resnet18"
-SECTIONS = ("baseline", "predict", "explain_http", "explain_cost", "references")
+SECTIONS = ("baseline", "predict", "peers", "explain_peers", "explain_http", "explain_cost", "references")
 # The reference comparisons (--comparisons), by the method compared.
 COMPARISONS = ("gradcam", "rollout", "saliency", "integrated_gradients", "lrp", "attn_lrp", "transformer_attribution")
 
@@ -41,6 +41,7 @@ class BenchOptions:
     reference_cnn: str = DEFAULT_REFERENCE_CNN
     explain_http_method: str | None = None  # None: raw_attention for ViTs, gradcam for CNNs
     explain_http_concurrency: list[int] = field(default_factory=lambda: [1, 8])
+    peer_rounds: int = 2  # rounds of the peer comparison (each runs every system at every client count)
     skip: set[str] = field(default_factory=set)
     methods: set[str] | None = None  # explanation cost of these methods only (None: every registered method)
     comparisons: set[str] | None = None  # these reference comparisons only (None: all of COMPARISONS)
@@ -56,7 +57,7 @@ class BenchOptions:
     def smoke_preset(cls, **overrides: Any) -> BenchOptions:
         values: dict[str, Any] = dict(
             duration_s=1.0, warmup_s=0.3, requests=16, baseline_s=0.2, method_s=0.1,
-            reference_s=0.1, reference_batch=2, explain_http_concurrency=[1], smoke=True,
+            reference_s=0.1, reference_batch=2, explain_http_concurrency=[1], peer_rounds=1, smoke=True,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

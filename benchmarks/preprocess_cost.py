@@ -94,11 +94,11 @@ def main() -> None:
 
 def pillow_decode(data: bytes) -> object:
     """`decode_image` with Pillow decoding every image: the path before libspng."""
-    saved, uploads.pyspng = uploads.pyspng, None
+    saved, uploads.spng_decode = uploads.spng_decode, None
     try:
         return decode_image(data, 100_000_000)
     finally:
-        uploads.pyspng = saved
+        uploads.spng_decode = saved
 
 if __name__ == "__main__":
     main()

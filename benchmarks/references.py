@@ -243,6 +243,54 @@ class PerImageRollout:
         return np.stack([self(pixels[i:i + 1]) for i in range(len(pixels))])
 
 
+class PerImageGAE:
+    """GAE (Chefer, Gur & Wolf 2021) the way their ViT notebook computes it: hooks on `attn_drop` keep each block's
+    attention probabilities and, through a tensor hook, their gradient of the target logit; one image at a time, one
+    backward pass each. Returns the class token's relevance over the patches on the grid, (rows, cols)."""
+
+    def __init__(self, model: torch.nn.Module, num_prefix_tokens: int, grid: tuple[int, int]) -> None:
+        self.model = model
+        self.num_prefix_tokens = num_prefix_tokens
+        self.grid = grid
+        self.attentions: list[torch.Tensor] = []
+        self.gradients: dict[int, torch.Tensor] = {}
+        self.handles = []
+        self.switched = []
+        for _, attention in attention_modules(model):
+            self.switched.append((attention, attention.fused_attn))
+            attention.fused_attn = False  # the fused kernel never materialises the probabilities
+        for name, module in model.named_modules():
+            if name.endswith("attn_drop"):
+                self.handles.append(module.register_forward_hook(self._keep))
+
+    def _keep(self, _module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        index = len(self.attentions)
+        self.attentions.append(output.detach())
+        if output.requires_grad:
+            output.register_hook(lambda grad: self.gradients.__setitem__(index, grad.detach()))
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for attention, fused in self.switched:
+            attention.fused_attn = fused
+
+    def __call__(self, image: torch.Tensor, target: int) -> torch.Tensor:
+        self.attentions, self.gradients = [], {}
+        with torch.enable_grad():
+            x = image.detach().requires_grad_(True)
+            self.model(x)[0, target].backward()
+        n = self.attentions[0].shape[-1]
+        relevance = torch.eye(n, dtype=torch.float32, device=image.device)
+        for index, attention in enumerate(self.attentions):
+            cam = (self.gradients[index][0] * attention[0]).float().clamp(min=0).mean(dim=0)
+            relevance = relevance + cam @ relevance
+        return relevance[0, self.num_prefix_tokens:].reshape(self.grid)
+
+    def explain(self, pixels: torch.Tensor, targets: list[int]) -> torch.Tensor:
+        return torch.stack([self(pixels[i:i + 1], t) for i, t in enumerate(targets)])
+
+
 def rollout_comparison(served: ServedModel, pixels: torch.Tensor, budget_s: float) -> dict[str, Any]:
     name = "rollout"
     reference = "per-image loop (attn_drop hooks, numpy)"

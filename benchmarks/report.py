@@ -11,6 +11,10 @@ HTTP_VS_BASELINE = 0.90
 BATCHING_GAIN = {"cpu": 1.2, "cuda": 5.0}
 ATTENTION_COST = 1.15  # raw_attention, rollout
 GRADIENT_COST = 3.0  # gradcam, grad_rollout, gae
+# The peer comparison (issue 18): a lone client no slower than a plain per-request handler, and more throughput than
+# a tuned LitServe under load.
+PEER_LATENCY_ONE_CLIENT = 1.05  # our p50 / the plain handler's p50, at 1 client
+PEER_THROUGHPUT_LOADED = 1.10  # our req/s / tuned LitServe's, at 32 clients (or the most measured)
 COST_TARGETS = {"raw_attention": ATTENTION_COST, "rollout": ATTENTION_COST, "gradcam": GRADIENT_COST,
                 "grad_rollout": GRADIENT_COST, "gae": GRADIENT_COST}
 
@@ -28,9 +32,74 @@ def _predict_point(result: dict[str, Any], mode: str, concurrency: int) -> dict[
     return None
 
 
+def peer_summary(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The peer comparison's /predict rows, one per system and client count, averaged over the rounds: mean req/s
+    and mean p50/p95 with each round's values kept, plus the ratios of the server's figures to this system's."""
+    points = (result.get("peers") or {}).get("predict") or []
+    keys: list[tuple[str, int]] = []
+    for p in points:
+        if (p["system"], p["concurrency"]) not in keys:
+            keys.append((p["system"], p["concurrency"]))
+
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    rows = []
+    for system, clients in keys:
+        ok = [p for p in points if p["system"] == system and p["concurrency"] == clients and p["requests_ok"] > 0]
+        every = [p for p in points if p["system"] == system and p["concurrency"] == clients]
+        rows.append({
+            "system": system, "concurrency": clients, "rounds": len(every),
+            "throughput_rps": mean([p["throughput_rps"] for p in ok]),
+            "throughput_each": [p["throughput_rps"] for p in every],
+            "p50_ms": mean([p["latency_ms"]["p50"] for p in ok]),
+            "p50_each": [p["latency_ms"]["p50"] for p in ok],
+            "p95_ms": mean([p["latency_ms"]["p95"] for p in ok]),
+            "server_cores": mean([p["cpu"]["server_cores"] for p in ok if p["cpu"].get("server_cores") is not None]),
+            "server_cpu_ms": mean([p["cpu_ms_per_request"]["server"] for p in ok
+                                   if p["cpu_ms_per_request"].get("server") is not None]),
+            "other_cores": mean([p["cpu"]["other_cores"] for p in every if p["cpu"].get("other_cores") is not None]),
+            "errors": sum(sum(p["errors"].values()) for p in every),
+            "first_error": next((p["first_error"] for p in every if p["first_error"]), None),
+        })
+    ours = {r["concurrency"]: r for r in rows if r["system"] == rows[0]["system"]} if rows else {}
+    for row in rows:
+        mine = ours.get(row["concurrency"])
+        row["ours_throughput_ratio"] = (mine["throughput_rps"] / row["throughput_rps"]
+                                        if mine and mine["throughput_rps"] and row["throughput_rps"] else None)
+        row["ours_p50_ratio"] = (mine["p50_ms"] / row["p50_ms"] if mine and mine["p50_ms"] and row["p50_ms"]
+                                 else None)
+    return rows
+
+
+def _peer_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    from benchmarks.peers.measure import LITSERVE, PLAIN
+
+    rows = peer_summary(result)
+    if not rows:
+        return []
+    targets = []
+    levels = sorted({r["concurrency"] for r in rows})
+    plain = next((r for r in rows if r["system"] == PLAIN and r["concurrency"] == 1), None)
+    if plain is not None and plain["ours_p50_ratio"] is not None:
+        targets.append(_target(
+            "p50 at 1 client / the plain FastAPI handler's", plain["ours_p50_ratio"], PEER_LATENCY_ONE_CLIENT, False,
+            f"{plain['p50_ms'] * plain['ours_p50_ratio']:.1f} vs {plain['p50_ms']:.1f} ms",
+        ))
+    clients = 32 if 32 in levels else levels[-1]
+    lit = next((r for r in rows if r["system"] == LITSERVE and r["concurrency"] == clients), None)
+    if lit is not None and lit["ours_throughput_ratio"] is not None:
+        targets.append(_target(
+            f"throughput at {clients} clients / tuned LitServe's", lit["ours_throughput_ratio"],
+            PEER_THROUGHPUT_LOADED, True,
+            f"{lit['throughput_rps'] * lit['ours_throughput_ratio']:.1f} vs {lit['throughput_rps']:.1f} req/s",
+        ))
+    return targets
+
+
 def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets for one model, from the measurements present (missing ones are left out)."""
-    targets = []
+    targets = _peer_targets(result)
     levels = sorted({p["concurrency"] for p in result["predict"]})
     if levels:
         clients = 32 if 32 in levels else levels[-1]
@@ -272,6 +341,49 @@ def _reference_lines(result: dict[str, Any]) -> list[str]:
         rows)
 
 
+def _peer_lines(result: dict[str, Any]) -> list[str]:
+    rows = peer_summary(result)
+    if not rows:
+        return []
+    peers = result["peers"]
+    lit = peers.get("settings", {}).get("litserve", {})
+    table = []
+    for r in rows:
+        each = " / ".join(_f(v) for v in r["throughput_each"])
+        errors = str(r["errors"]) + (f" ({r['first_error'][:80]})" if r["first_error"] else "")
+        table.append([r["system"], str(r["concurrency"]), f"{_f(r['throughput_rps'])} ({each})", _f(r["p50_ms"]),
+                      _f(r["p95_ms"]), _f(r["ours_throughput_ratio"], 2), _f(r["ours_p50_ratio"], 2),
+                      _f(r["server_cpu_ms"]), _f(r["server_cores"], 2), _f(r["other_cores"], 2),
+                      errors.replace("|", "/")])
+    lines = ["", f"**Against the serving frameworks** (/predict, the same JSON request: "
+             f"{peers.get('settings', {}).get('request', '')}; the same model with random weights in each, the same "
+             f"load generator, {peers.get('settings', {}).get('rounds')} round(s) alternating the systems, each peer running only "
+             f"during its own points; LitServe: {lit.get('workers')} worker(s), max_batch_size "
+             f"{lit.get('max_batch_size')}, batch_timeout {lit.get('batch_timeout_ms')} ms, "
+             f"{lit.get('threads') or 'default'} torch thread(s) each. Ratios are ours / theirs at the same client "
+             f"count: throughput above 1 and p50 below 1 favour us. Server CPU includes a peer's worker processes):",
+             ""]
+    lines += _table(["system", "clients", "req/s mean (each round)", "p50 ms", "p95 ms", "ours/theirs req/s",
+                     "ours/theirs p50", "server CPU ms/req", "server cores", "other programs", "errors"], table)
+    explain = peers.get("explain") or []
+    if explain:
+        erows = []
+        for e in explain:
+            ours, theirs = e["ours"], e["theirs"]
+            ratio = (ours["throughput_rps"] / theirs["throughput_rps"]
+                     if ours["throughput_rps"] and theirs["throughput_rps"] else None)
+            erows.append([e["request"], e["reference"], str(e["concurrency"]), _f(ours["throughput_rps"], 2),
+                          _f(ours["latency_ms"]["p50"]), _f(theirs["throughput_rps"], 2),
+                          _f(theirs["latency_ms"]["p50"]), _f(ratio, 2),
+                          str(sum(ours["errors"].values()) + sum(theirs["errors"].values()))])
+        lines += ["", "**/explain against a per-request reference handler** (plain FastAPI `def` route; ours answers "
+                  "`raw` maps in the input space, the handler the same float32 maps; speed-up = our req/s / theirs):",
+                  ""]
+        lines += _table(["methods", "reference handler", "clients", "ours req/s", "ours p50 ms", "theirs req/s",
+                         "theirs p50 ms", "speed-up", "errors"], erows)
+    return lines
+
+
 def _target_lines(result: dict[str, Any]) -> list[str]:
     if not result["targets"]:
         return []
@@ -321,6 +433,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += ["", "**/predict over HTTP** (batching off: the same model served with max_batch_size = 1):", ""]
             lines += _table(LOAD_HEADER, _load_rows(result["predict"], "mode"))
             lines += _analysis_lines(result)
+        lines += _peer_lines(result)
         if result["explain_http"]:
             lines += ["", f"**/explain over HTTP** ({result['explain_http'][0]['method']}, "
                       f"{result['explain_http'][0]['output']}):", ""]

@@ -15,9 +15,10 @@ from typing import Any
 from benchmarks import inprocess, references
 from benchmarks.environment import environment
 from benchmarks.images import BenchImage, load_bench_image, multipart_body
+from benchmarks.peers.measure import measure_peers
 from benchmarks.options import DEFAULT_MODEL, SMOKE_MODEL, SMOKE_REFERENCE_CNN, BenchOptions
 from benchmarks.report import analyse_cpu, evaluate_targets, render_markdown
-from benchmarks.server import ServerProcess, write_config
+from benchmarks.server import ServerProcess, load_point, load_timeout, run_load, write_config
 from service.config import ModelConfig, ServerSettings, read_config_file
 from service.runtime.batching import lane_batch_cap
 from service.runtime.devices import lane_count
@@ -69,29 +70,6 @@ def without_batching(model: dict[str, Any]) -> dict[str, Any]:
     return {**model, "id": f"{model['id']}{NOBATCH_SUFFIX}", "max_batch_size": 1, "warmup_batch_sizes": [1]}
 
 
-def run_load(server: ServerProcess, points: list[dict[str, Any]], workdir: Path, timeout_s: float) -> list[dict[str, Any]]:
-    """Run load points in a separate load-generator process (so its CPU use is measured apart)."""
-    spec_path, result_path = workdir / "load_spec.json", workdir / "load_result.json"
-    spec_path.write_text(json.dumps({"base_url": server.base_url, "server_pid": server.pid, "points": points,
-                                     "timeout_s": 120.0}), encoding="utf-8")
-    result_path.unlink(missing_ok=True)
-    completed = subprocess.run([sys.executable, "-m", "benchmarks.loadgen", str(spec_path), str(result_path)],
-                               capture_output=True, text=True, timeout=timeout_s)
-    if completed.returncode != 0:
-        raise RuntimeError(f"the load generator failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
-    return json.loads(result_path.read_text(encoding="utf-8"))
-
-
-def _point(name: str, path: str, concurrency: int, body_file: Path, content_type: str, options: BenchOptions) -> dict[str, Any]:
-    return {"name": name, "path": path, "concurrency": concurrency, "body_file": str(body_file),
-            "content_type": content_type, "warmup_s": options.warmup_s, "duration_s": options.duration_s,
-            "max_requests": options.requests}
-
-
-def _load_timeout(points: list[dict[str, Any]]) -> float:
-    return 120.0 + sum(p["warmup_s"] + p["duration_s"] + 60.0 for p in points)
-
-
 def measure_http(
     server: ServerProcess, model: dict[str, Any], served: ServedModel, image: BenchImage, workdir: Path,
     options: BenchOptions, result: dict[str, Any],
@@ -111,15 +89,18 @@ def measure_http(
         points = []
         for concurrency in options.concurrency:  # on and off interleaved, so drifts of the machine hit both
             for mode, served_id in (("batching_on", model_id), ("batching_off", model_id + NOBATCH_SUFFIX)):
-                point = _point(mode, f"/v1/models/{served_id}/predict", concurrency, predict_file, predict_type,
+                point = load_point(mode, f"/v1/models/{served_id}/predict", concurrency, predict_file, predict_type,
                                options)
                 points.append(point)
         _progress(f"{model_id}: /predict at {options.concurrency} clients, batching on and off "
                   f"({len(points)} points of {options.warmup_s:g}+{options.duration_s:g}s)")
-        for outcome in run_load(server, points, workdir, _load_timeout(points)):
+        for outcome in run_load(server, points, workdir, load_timeout(points)):
             outcome["mode"] = outcome.pop("name")
             result["predict"].append(outcome)
         result["analysis"] = analyse_cpu(result)
+
+    if "peers" not in options.skip:
+        measure_peers(server, model, served, image, workdir, options, result, _progress)
 
     if "baseline" not in options.skip:
         result["baseline"]["after"] = inprocess.baseline_throughput(
@@ -137,10 +118,10 @@ def measure_http(
         body, content_type = multipart_body(image, {"methods": json.dumps([method]), "top_k": "5"})
         explain_file = workdir / "explain_body.bin"
         explain_file.write_bytes(body)
-        points = [_point(f"explain {method}", f"/v1/models/{model_id}/explain", c, explain_file, content_type, options)
+        points = [load_point(f"explain {method}", f"/v1/models/{model_id}/explain", c, explain_file, content_type, options)
                   for c in options.explain_http_concurrency]
         _progress(f"{model_id}: /explain ({method}, default output) at {options.explain_http_concurrency} clients")
-        for outcome in run_load(server, points, workdir, _load_timeout(points)):
+        for outcome in run_load(server, points, workdir, load_timeout(points)):
             outcome["method"] = method
             outcome["output"] = "heatmap_png in the original image's space (the default)"
             result["explain_http"].append(outcome)
@@ -202,6 +183,7 @@ def _model_result(model: dict[str, Any], served: ServedModel, server_keys: dict[
         "baseline": {},
         "predict": [],
         "explain_http": [],
+        "peers": {},
         "explain_cost": [],
         "references": [],
         "targets": [],
@@ -233,7 +215,8 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
             "duration_s": options.duration_s, "warmup_s": options.warmup_s, "requests": options.requests,
             "concurrency": options.concurrency, "baseline_s": options.baseline_s, "method_s": options.method_s,
             "reference_s": options.reference_s, "reference_batch": options.reference_batch,
-            "explain_http_concurrency": options.explain_http_concurrency, "skipped_sections": sorted(options.skip),
+            "explain_http_concurrency": options.explain_http_concurrency, "peer_rounds": options.peer_rounds,
+            "skipped_sections": sorted(options.skip),
             "methods": None if options.methods is None else sorted(options.methods),
             "comparisons": None if options.comparisons is None else sorted(options.comparisons),
             "server_config": {**server_keys, "models": models + [without_batching(m) for m in models]},
@@ -247,7 +230,7 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="saliency-bench-") as tmp:
         workdir = Path(tmp)
-        if not {"predict", "explain_http"} <= options.skip:
+        if not {"predict", "peers", "explain_http"} <= options.skip:
             config_path = write_config(workdir / "server.yaml", server_keys,
                                        models + [without_batching(m) for m in models])
             _progress(f"starting the server ({len(models) * 2} models: batching on and off)")

@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -30,14 +30,21 @@ def write_config(path: Path, server: dict[str, Any], models: list[dict[str, Any]
 
 
 class ServerProcess:
-    """Starts the server, waits until /readyz says every model is warm, and stops it (SIGTERM) on exit."""
+    """Starts the server, waits until /readyz says every model is warm, and stops it (SIGTERM) on exit.
 
-    def __init__(self, config_path: Path, workdir: Path, host: str = "127.0.0.1", ready_timeout_s: float = 600.0,
-                 env: dict[str, str] | None = None) -> None:
+    `command` (a function of the port) starts another server instead, e.g. a peer of the comparison, ready when
+    `ready_path` answers 200; its output goes to `log_name` in `workdir`."""
+
+    def __init__(self, config_path: Path | None, workdir: Path, host: str = "127.0.0.1",
+                 ready_timeout_s: float = 600.0, env: dict[str, str] | None = None,
+                 command: Callable[[int], list[str]] | None = None, ready_path: str = "/readyz",
+                 log_name: str = "server.log") -> None:
         self.config_path = config_path
         self.host = host
         self.port = free_port(host)
-        self.log_path = workdir / "server.log"
+        self.command = command
+        self.ready_path = ready_path
+        self.log_path = workdir / log_name
         self.ready_timeout_s = ready_timeout_s
         self.env = env
         self.process: subprocess.Popen[bytes] | None = None
@@ -66,13 +73,18 @@ class ServerProcess:
             return exc.code, None
 
     def __enter__(self) -> ServerProcess:
-        command = [sys.executable, "-m", "service", "serve", "--config", str(self.config_path),
-                   "--host", self.host, "--port", str(self.port)]
+        if self.command is not None:
+            command = self.command(self.port)
+        else:
+            command = [sys.executable, "-m", "service", "serve", "--config", str(self.config_path),
+                       "--host", self.host, "--port", str(self.port)]
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("HF_HUB_OFFLINE", "1")  # a benchmark never waits on the network for weights
         started = time.perf_counter()
         log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # A peer runs in its own process group: LitServe's workers are its children, and all of them stop with it.
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=self.command is not None)
         log.close()
         deadline = started + self.ready_timeout_s
         while True:
@@ -80,9 +92,9 @@ class ServerProcess:
                 raise RuntimeError(f"the server exited with status {self.process.returncode} during start-up:\n"
                                    f"{self.log_tail()}")
             try:
-                status, _ = self.get_json("/readyz", timeout=2.0)
-                if status == 200:
-                    break
+                with urllib.request.urlopen(self.base_url + self.ready_path, timeout=2.0) as response:
+                    if response.status == 200:
+                        break
             except (OSError, ValueError):
                 pass
             if time.perf_counter() > deadline:
@@ -93,7 +105,12 @@ class ServerProcess:
         return self
 
     def __exit__(self, *_: object) -> None:
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
+            return
+        if self.command is not None:
+            self._stop_group()
+            return
+        if self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGTERM)
         try:
@@ -107,3 +124,43 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+    def _stop_group(self) -> None:
+        assert self.process is not None
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever of the group is left (workers)
+        except ProcessLookupError:
+            pass
+        if self.process.poll() is None:
+            self.process.wait()
+
+
+def run_load(server: ServerProcess, points: list[dict[str, Any]], workdir: Path, timeout_s: float) -> list[dict[str, Any]]:
+    """Run load points in a separate load-generator process (so its CPU use is measured apart)."""
+    spec_path, result_path = workdir / "load_spec.json", workdir / "load_result.json"
+    spec_path.write_text(json.dumps({"base_url": server.base_url, "server_pid": server.pid, "points": points,
+                                     "timeout_s": 120.0}), encoding="utf-8")
+    result_path.unlink(missing_ok=True)
+    completed = subprocess.run([sys.executable, "-m", "benchmarks.loadgen", str(spec_path), str(result_path)],
+                               capture_output=True, text=True, timeout=timeout_s)
+    if completed.returncode != 0:
+        raise RuntimeError(f"the load generator failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
+    return json.loads(result_path.read_text(encoding="utf-8"))
+
+
+def load_point(name: str, path: str, concurrency: int, body_file: Path, content_type: str, options: Any) -> dict[str, Any]:
+    return {"name": name, "path": path, "concurrency": concurrency, "body_file": str(body_file),
+            "content_type": content_type, "warmup_s": options.warmup_s, "duration_s": options.duration_s,
+            "max_requests": options.requests}
+
+
+def load_timeout(points: list[dict[str, Any]]) -> float:
+    return 120.0 + sum(p["warmup_s"] + p["duration_s"] + 60.0 for p in points)

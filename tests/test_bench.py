@@ -23,13 +23,14 @@ from benchmarks.references import (
     reduce_channels,
     relative_difference,
 )
-from benchmarks.report import evaluate_targets, render_markdown
+from benchmarks.peers.measure import LITSERVE, OURS, PLAIN
+from benchmarks.report import evaluate_targets, peer_summary, render_markdown
 from benchmarks.runner import server_configuration, without_batching
 from service.cli import build_parser, main
 from service.runtime.devices import default_cpu_lanes
 from service.explain.registry import all_methods
 
-SECTIONS = ("baseline", "predict", "explain_http", "explain_cost", "references", "targets")
+SECTIONS = ("baseline", "predict", "peers", "explain_http", "explain_cost", "references", "targets")
 COMPARISONS = {"gradcam (vit)", "gradcam (cnn)", "rollout", "saliency", "integrated_gradients", "lrp", "attn_lrp",
                "transformer_attribution"}
 # The relevance methods' comparisons (issue 16): signed maps, their difference relative to each reference map's peak,
@@ -163,10 +164,82 @@ def test_smoke_compares_the_relevance_methods_with_their_references(smoke_report
         assert f"{name} vs {reference}: speed-up" not in targets  # informational: no speed-up target
 
 
+def test_smoke_compares_with_the_serving_frameworks(smoke_report) -> None:
+    """The server, a tuned LitServe and a plain FastAPI handler each answer every client count of the run without
+    errors; LitServe is tuned like the server; /explain is compared with the per-request reference handler for
+    integrated gradients and for the four-method request."""
+    report, markdown, _ = smoke_report
+    (model,) = report["models"]
+    peers = model["peers"]
+    points = {(p["system"], p["concurrency"]) for p in peers["predict"]}
+    assert points == {(s, c) for s in (OURS, LITSERVE, PLAIN) for c in (1, 8, 32)}
+    for point in peers["predict"]:
+        assert point["requests_ok"] > 0 and not point["errors"], point
+        assert point["path"] == (f"/v1/models/{model['id']}/predict" if point["system"] == OURS else "/predict")
+    assert peers["settings"]["litserve"] == {"workers": model["lanes"], "max_batch_size": 8 // model["lanes"],
+                                             "batch_timeout_ms": model["max_wait_ms"],
+                                             "threads": max(1, report["environment"]["torch_threads"] // model["lanes"])}
+    requests = {e["request"]: e for e in peers["explain"]}
+    assert set(requests) == {"integrated_gradients", "saliency+input_x_gradient+gradcam+gae"}
+    for row in requests.values():
+        for side in ("ours", "theirs"):
+            assert row[side]["requests_ok"] > 0 and not row[side]["errors"], (row["request"], side, row[side])
+    assert "Against the serving frameworks" in markdown and "per-request reference handler" in markdown
+    names = {t["target"] for t in model["targets"]}
+    assert {"p50 at 1 client / the plain FastAPI handler's", "throughput at 32 clients / tuned LitServe's"} <= names
+
+
+def _peer_point(system: str, clients: int, rps: float, p50: float) -> dict[str, Any]:
+    return {"system": system, "concurrency": clients, "requests_ok": 10, "throughput_rps": rps,
+            "latency_ms": {"p50": p50, "p95": p50 * 2}, "errors": {}, "first_error": None,
+            "cpu": {"server_cores": 1.0, "other_cores": 0.0}, "cpu_ms_per_request": {"server": 20.0}}
+
+
+def test_peer_targets_average_the_rounds_and_divide_ours_by_theirs() -> None:
+    points = [_peer_point(OURS, 1, 30.0, 30.0), _peer_point(OURS, 1, 34.0, 34.0),
+              _peer_point(PLAIN, 1, 31.0, 31.0), _peer_point(PLAIN, 1, 33.0, 33.0),
+              _peer_point(OURS, 32, 66.0, 500.0), _peer_point(OURS, 32, 62.0, 500.0),
+              _peer_point(LITSERVE, 32, 60.0, 520.0), _peer_point(LITSERVE, 32, 56.0, 520.0)]
+    result = {"peers": {"predict": points}, "predict": [], "explain_cost": [], "references": [], "baseline": {}}
+    rows = {(r["system"], r["concurrency"]): r for r in peer_summary(result)}
+    assert rows[(OURS, 1)]["throughput_each"] == [30.0, 34.0] and rows[(OURS, 1)]["p50_ms"] == 32.0
+    assert rows[(PLAIN, 1)]["ours_p50_ratio"] == pytest.approx(1.0)
+    assert rows[(LITSERVE, 32)]["ours_throughput_ratio"] == pytest.approx(64.0 / 58.0)
+    targets = {t["target"]: t for t in evaluate_targets(result)}
+    assert targets["p50 at 1 client / the plain FastAPI handler's"]["met"] is True
+    assert targets["throughput at 32 clients / tuned LitServe's"]["value"] == pytest.approx(64.0 / 58.0)
+    assert targets["throughput at 32 clients / tuned LitServe's"]["met"] is True
+    points[-1]["throughput_rps"] = 60.0  # LitServe now 60 req/s on average: ours is 1.07x, short of 1.10x
+    assert {t["target"]: t for t in evaluate_targets(result)}[
+        "throughput at 32 clients / tuned LitServe's"]["met"] is False
+
+
+def test_the_peer_gae_loop_equals_the_gae_method() -> None:
+    """The per-image GAE loop the reference handler runs computes the server's `gae` maps (so the four-method
+    comparison compares equal work)."""
+    from benchmarks.references import PerImageGAE
+    from service.explain.targets import TargetRequest
+    from tests.explain_helpers import VIT_VARIANTS, explain_direct, random_pixels, served_model
+
+    served = served_model(*VIT_VARIANTS["registers_nonsquare"], seed=5)
+    pixels = random_pixels(served, 3, seed=5)
+    targets = [2, 0, 7]
+    ours = torch.stack([o.methods[0].maps[0] for o in explain_direct(
+        served, pixels, ["gae"], targets=[TargetRequest(index=t) for t in targets])])
+    loop = PerImageGAE(served.active_network, served.anatomy.num_prefix_tokens, served.anatomy.grid_size)
+    try:
+        theirs = loop.explain(pixels, targets)
+    finally:
+        loop.close()
+    assert theirs.shape == ours.shape
+    torch.testing.assert_close(theirs, ours.float(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(theirs[0], theirs[1])  # per image, not one map repeated
+
+
 def test_smoke_markdown_and_targets(smoke_report) -> None:
     report, markdown, _ = smoke_report
     for heading in ("In-process baseline", "/predict over HTTP", "/explain over HTTP", "Explanation cost",
-                    "Against reference implementations", "Targets", "smoke run"):
+                    "Against reference implementations", "Against the serving frameworks", "Targets", "smoke run"):
         assert heading in markdown
     (model,) = report["models"]
     names = [t["target"] for t in model["targets"]]

@@ -23,7 +23,7 @@ from service.http.uploads import decode_image
 from service.model.served import ServedModel, load_served_model
 from tests.helpers import png_bytes, random_image, settings_for, tiny_cnn_config
 
-pyspng = pytest.importorskip("pyspng")
+imagecodecs = pytest.importorskip("imagecodecs")
 
 BIG = 100_000_000
 
@@ -55,22 +55,23 @@ def raw_png(array: np.ndarray, colour_type: int = 2, interlaced: bool = False, b
 
 @pytest.fixture
 def spng_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """Records each call of `pyspng.load` made by the decoder."""
+    """Records each call of libspng (`uploads.spng_decode`) made by the decoder."""
     calls: list[bytes] = []
-    load = pyspng.load
+    load = uploads.spng_decode
+    assert load is not None, "imagecodecs was built without libspng"
 
     def spy(data: bytes, *args: Any, **kwargs: Any) -> np.ndarray:
         calls.append(data)
         return load(data, *args, **kwargs)
 
-    monkeypatch.setattr(pyspng, "load", spy)
+    monkeypatch.setattr(uploads, "spng_decode", spy)
     return calls
 
 
 def pillow_only_decode(data: bytes) -> Image.Image:
     """`decode_image` as it was before the fast path: Pillow decodes everything."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(uploads, "pyspng", None)
+        patch.setattr(uploads, "spng_decode", None)
         return decode_image(data, BIG)
 
 
@@ -218,7 +219,7 @@ def test_truncated_png_gives_the_same_error_as_before(spng_calls: list[bytes]) -
     data = png_bytes(chelsea())[:20_000]
     error = decode_error(data)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(uploads, "pyspng", None)
+        patch.setattr(uploads, "spng_decode", None)
         before = decode_error(data)
     assert (error.status, error.code, error.message) == (before.status, before.code, before.message)
     assert error.status == 400
@@ -233,12 +234,12 @@ def test_png_libspng_refuses_falls_back_to_pillows_error(spng_calls: list[bytes]
     error = decode_error(data)
     assert spng_calls == [data]  # tried, refused, then Pillow
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(uploads, "pyspng", None)
+        patch.setattr(uploads, "spng_decode", None)
         before = decode_error(data)
     assert (error.status, error.code, error.message) == (before.status, before.code, before.message)
 
 
-def test_without_pyspng_every_png_is_decoded_by_pillow() -> None:
+def test_without_libspng_every_png_is_decoded_by_pillow() -> None:
     data = png_bytes(chelsea())
     np.testing.assert_array_equal(np.asarray(pillow_only_decode(data)), chelsea())
 
@@ -362,3 +363,57 @@ def test_tensor_path_crop_offsets_match_pillows(served_models: dict[str, ServedM
         std = torch.tensor(served.data_config["std"]).reshape(3, 1, 1)
         assert levels_apart(fast, slow, std).max() <= PHOTO_TOLERANCE[0], (width, height)
 
+
+
+# --- JSON uploads: orjson and pybase64, with the standard library's results and errors ---------------------------
+
+
+BASE64_CASES = ["aGVsbG8=", "aGVsbG8", "aGVs bG8=", "aGVsbG8=\n", "@@@@", "aGVsbG8===", "", "aGVsbG8=aGVs", "YQ",
+                "YQ==", "Y Q = =", "\u00e9\u00e9", "data:image/png;base64,aGVsbG8=", "data:image/png;base64,@@"]
+
+
+@pytest.mark.parametrize("text", BASE64_CASES)
+def test_base64_uploads_decode_as_the_standard_library_decodes_them(text: str) -> None:
+    import base64
+    import binascii
+
+    body = text.partition(",")[2] if text.startswith("data:") else text
+    try:
+        expected: bytes | str = base64.b64decode("".join(body.split()), validate=True)
+    except (binascii.Error, ValueError):
+        expected = "invalid_base64"
+    try:
+        got: bytes | str = uploads.decode_base64_image(text)
+    except ApiError as error:
+        got = error.code
+    assert got == expected
+
+
+def test_base64_uploads_wrapped_in_lines_decode() -> None:
+    import base64
+
+    data = png_bytes(random_image(30, (40, 30)))
+    assert uploads.decode_base64_image(base64.encodebytes(data).decode()) == data  # MIME: 76-character lines
+
+
+@pytest.mark.parametrize("body", [b'{"a": 1, "b": [1.5, "x"]}', b'{"a": NaN}', b'{"a": "\\ud800"}',
+                                  b'{"a": ' + b"9" * 40 + b"}", b'{"a": [{"b": -' + b"9" * 25 + b"}]}", b'{"a": 1e400}', b'{"a": 1, "a": 2}', b"[1]", b"null", b"{", b"\xff",
+                                  b"[" * 100_000 + b"]" * 100_000,
+                                  b'{"a": ' + b"[" * 1020 + b"]" * 1020 + b"}"])
+def test_json_uploads_parse_as_the_standard_library_parses_them(body: bytes) -> None:
+    import json
+    import math
+
+    try:
+        expected: Any = json.loads(body)
+        expected = expected if isinstance(expected, dict) else "not an object"
+    except (ValueError, RecursionError):
+        expected = "invalid_json"
+    try:
+        got: Any = uploads.parse_json_object(body)
+    except ApiError as error:
+        got = "invalid_json" if error.code == "invalid_json" else "not an object"
+    if isinstance(expected, dict) and any(isinstance(v, float) and math.isnan(v) for v in expected.values()):
+        assert math.isnan(got["a"])  # NaN != NaN
+    else:
+        assert got == expected

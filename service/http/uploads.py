@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import base64
 import binascii
 import io
 import json
@@ -13,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar, get_origin
 
 import numpy as np
+import orjson
+import pybase64
 from fastapi import Request
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
@@ -23,10 +24,14 @@ from api_schemas.errors import validation_message
 from service.explain.render.geometry import UnsupportedTransformError, crop_geometry
 from service.http.errors import ApiError, invalid_request
 
-try:  # libspng: the fast path for plain 8-bit RGB PNGs (`decode_image`); without it, Pillow decodes every PNG
-    import pyspng
+try:  # libspng through imagecodecs: the fast path for plain 8-bit RGB PNGs (`decode_image`). It releases the GIL
+    # while decoding, as Pillow does (pyspng, as fast, holds it: the model's lanes then stall on the GIL under load).
+    # Without it, Pillow decodes every PNG.
+    import imagecodecs
+
+    spng_decode = imagecodecs.spng_decode if imagecodecs.SPNG.available else None
 except ImportError:  # pragma: no cover - a runtime dependency, but the server works without it
-    pyspng = None
+    spng_decode = None
 
 O = TypeVar("O", bound=BaseModel)
 
@@ -40,11 +45,19 @@ class ImageRequest(Generic[O]):
 
 
 def decode_base64_image(text: str) -> bytes:
-    """Decode a base64 string, accepting a `data:image/...;base64,` prefix."""
+    """Decode a base64 string, accepting a `data:image/...;base64,` prefix and whitespace (line breaks).
+
+    pybase64 (SIMD) decodes an upload ~50x faster than the standard library, on the event loop; the standard
+    library's result and errors are the same (the text as sent is tried first; only if that fails is whitespace
+    removed and the text tried again)."""
     if text.startswith("data:"):
         _, _, text = text.partition(",")
     try:
-        return base64.b64decode("".join(text.split()), validate=True)
+        return pybase64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    try:
+        return pybase64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, "invalid_base64", "image: not valid base64") from None
 
@@ -125,11 +138,33 @@ async def read_image_request(
     )
 
 
+def _has_huge_number(value: Any) -> bool:
+    """Whether a parsed JSON value holds a float of magnitude 2**63 or more anywhere (orjson's reading of an integer
+    too large for 64 bits, which the standard parser keeps an integer)."""
+    if isinstance(value, float):
+        return not abs(value) < 2.0**63
+    if isinstance(value, dict):
+        return any(_has_huge_number(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_huge_number(v) for v in value)
+    return False
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """The body as a JSON object: 400 `invalid_json` for anything that is not JSON (nesting too deep for the parser
     included: a client's mistake, never a 500), 422 for JSON that is not an object."""
     try:
-        payload = json.loads(body)
+        # orjson parses a 300 kB upload ~3x faster. What it refuses (NaN, lone surrogates, deep nesting...) and what
+        # it may read differently (integers beyond 64 bits become floats) goes to the standard parser, so the
+        # payloads accepted, their values and the errors are the standard ones.
+        payload = orjson.loads(body)
+        if _has_huge_number(payload):
+            payload = None
+    except (orjson.JSONDecodeError, RecursionError):  # RecursionError: nesting deeper than our walk goes
+        payload = None
+    try:
+        if payload is None:
+            payload = json.loads(body)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
     except RecursionError:  # the C parser's guard against deep nesting; it leaves the interpreter usable
@@ -258,10 +293,10 @@ def _decode_plain_png(data: bytes, image: Image.Image) -> Image.Image | None:
     about half the CPU time (the decode is most of an upload's cost outside the model), carrying the opened file's
     metadata (`info`: EXIF, XMP) for the orientation; None where it does not apply or libspng fails, for Pillow to
     decode (and name what is wrong)."""
-    if pyspng is None or image.format != "PNG" or image.mode != "RGB" or not _is_plain_rgb8_png(data):
+    if spng_decode is None or image.format != "PNG" or image.mode != "RGB" or not _is_plain_rgb8_png(data):
         return None
     try:
-        array = pyspng.load(data, "RGB")
+        array = spng_decode(data)
     except Exception:  # noqa: BLE001 - anything libspng refuses, Pillow decodes or reports
         return None
     width, height = image.size
@@ -281,7 +316,7 @@ def decode_image(data: bytes, max_pixels: int, check_size: SizeCheck | None = No
     the size the model's resize would produce (`resized_size_check`).
 
     A complete 8-bit RGB PNG without transparency, animation or metadata after its pixels is decoded by libspng
-    (pyspng) when it is installed: the same pixels and orientation as Pillow's, for less CPU. Any other image, or
+    (imagecodecs) when it is installed: the same pixels and orientation as Pillow's, for less CPU. Any other image, or
     one libspng refuses, is decoded by Pillow.
     """
     if not data:
