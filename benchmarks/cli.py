@@ -12,7 +12,7 @@ def command_line(args: argparse.Namespace) -> str:
     """The command as typed (rebuilt from the parsed options, so it is the same however the CLI was invoked)."""
     words = ["saliency-server", "bench"]
     for name in ("models", "config", "device", "dtype", "image", "duration_s", "warmup_s", "requests",
-                 "concurrency", "skip", "methods", "comparisons", "output_json", "output_md"):
+                 "concurrency", "peer_rounds", "skip", "methods", "comparisons", "output_json", "output_md"):
         value = getattr(args, name)
         if value is None or value == set():
             continue
@@ -38,7 +38,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     values = {
         "models": args.models, "config": args.config, "device": args.device, "dtype": args.dtype,
         "image": args.image, "duration_s": args.duration_s, "warmup_s": args.warmup_s, "requests": args.requests,
-        "concurrency": args.concurrency, "skip": set(args.skip), "methods": args.methods,
+        "concurrency": args.concurrency, "peer_rounds": args.peer_rounds, "skip": set(args.skip), "methods": args.methods,
         "comparisons": args.comparisons, "output_json": args.output_json,
         "output_md": args.output_md,
         "command": command_line(args),
@@ -86,6 +86,9 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--warmup-s", type=float, help="un-counted warm-up before each window (default 2)")
     bench.add_argument("--requests", type=int, help="end each load point after this many successful requests")
     bench.add_argument("--concurrency", type=_csv_ints, help="client counts of the /predict runs (default 1,8,32)")
+    bench.add_argument("--peer-rounds", type=int, metavar="N",
+                       help="rounds of the comparison with LitServe and the plain handler, each running every system "
+                       "at every client count (default 2)")
     bench.add_argument("--skip", type=lambda t: {s.strip() for s in t.split(",") if s.strip()}, default=set(),
                        help=f"comma-separated sections to leave out: {', '.join(SECTIONS)}")
     names = lambda t: {s.strip() for s in t.split(",") if s.strip()}  # noqa: E731

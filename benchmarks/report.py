@@ -59,6 +59,7 @@ def peer_summary(result: dict[str, Any]) -> list[dict[str, Any]]:
             "server_cpu_ms": mean([p["cpu_ms_per_request"]["server"] for p in ok
                                    if p["cpu_ms_per_request"].get("server") is not None]),
             "other_cores": mean([p["cpu"]["other_cores"] for p in every if p["cpu"].get("other_cores") is not None]),
+            "steal_cores": mean([p["cpu"]["steal_cores"] for p in every if p["cpu"].get("steal_cores") is not None]),
             "errors": sum(sum(p["errors"].values()) for p in every),
             "first_error": next((p["first_error"] for p in every if p["first_error"]), None),
         })
@@ -69,6 +70,9 @@ def peer_summary(result: dict[str, Any]) -> list[dict[str, Any]]:
                                         if mine and mine["throughput_rps"] and row["throughput_rps"] else None)
         row["ours_p50_ratio"] = (mine["p50_ms"] / row["p50_ms"] if mine and mine["p50_ms"] and row["p50_ms"]
                                  else None)
+        # CPU per request is steadier than req/s on a machine whose speed drifts: theirs / ours, above 1 favours us
+        row["theirs_cpu_ratio"] = (row["server_cpu_ms"] / mine["server_cpu_ms"]
+                                   if mine and mine["server_cpu_ms"] and row["server_cpu_ms"] else None)
     return rows
 
 
@@ -343,28 +347,8 @@ def _reference_lines(result: dict[str, Any]) -> list[str]:
 
 def _peer_lines(result: dict[str, Any]) -> list[str]:
     rows = peer_summary(result)
-    if not rows:
-        return []
-    peers = result["peers"]
-    lit = peers.get("settings", {}).get("litserve", {})
-    table = []
-    for r in rows:
-        each = " / ".join(_f(v) for v in r["throughput_each"])
-        errors = str(r["errors"]) + (f" ({r['first_error'][:80]})" if r["first_error"] else "")
-        table.append([r["system"], str(r["concurrency"]), f"{_f(r['throughput_rps'])} ({each})", _f(r["p50_ms"]),
-                      _f(r["p95_ms"]), _f(r["ours_throughput_ratio"], 2), _f(r["ours_p50_ratio"], 2),
-                      _f(r["server_cpu_ms"]), _f(r["server_cores"], 2), _f(r["other_cores"], 2),
-                      errors.replace("|", "/")])
-    lines = ["", f"**Against the serving frameworks** (/predict, the same JSON request: "
-             f"{peers.get('settings', {}).get('request', '')}; the same model with random weights in each, the same "
-             f"load generator, {peers.get('settings', {}).get('rounds')} round(s) alternating the systems, each peer running only "
-             f"during its own points; LitServe: {lit.get('workers')} worker(s), max_batch_size "
-             f"{lit.get('max_batch_size')}, batch_timeout {lit.get('batch_timeout_ms')} ms, "
-             f"{lit.get('threads') or 'default'} torch thread(s) each. Ratios are ours / theirs at the same client "
-             f"count: throughput above 1 and p50 below 1 favour us. Server CPU includes a peer's worker processes):",
-             ""]
-    lines += _table(["system", "clients", "req/s mean (each round)", "p50 ms", "p95 ms", "ours/theirs req/s",
-                     "ours/theirs p50", "server CPU ms/req", "server cores", "other programs", "errors"], table)
+    peers = result.get("peers") or {}
+    lines = [] if not rows else _peer_predict_lines(peers, rows)
     explain = peers.get("explain") or []
     if explain:
         erows = []
@@ -372,15 +356,45 @@ def _peer_lines(result: dict[str, Any]) -> list[str]:
             ours, theirs = e["ours"], e["theirs"]
             ratio = (ours["throughput_rps"] / theirs["throughput_rps"]
                      if ours["throughput_rps"] and theirs["throughput_rps"] else None)
-            erows.append([e["request"], e["reference"], str(e["concurrency"]), _f(ours["throughput_rps"], 2),
-                          _f(ours["latency_ms"]["p50"]), _f(theirs["throughput_rps"], 2),
-                          _f(theirs["latency_ms"]["p50"]), _f(ratio, 2),
+            erows.append([e["request"], e["reference"], str(e["concurrency"]), _f(ours["window_s"], 0),
+                          _f(ours["throughput_rps"], 2), _f(ours["latency_ms"]["p50"]),
+                          _f(ours["cpu_ms_per_request"]["server"], 0), _f(theirs["throughput_rps"], 2),
+                          _f(theirs["latency_ms"]["p50"]), _f(theirs["cpu_ms_per_request"]["server"], 0),
+                          _f(ratio, 2),
                           str(sum(ours["errors"].values()) + sum(theirs["errors"].values()))])
         lines += ["", "**/explain against a per-request reference handler** (plain FastAPI `def` route; ours answers "
-                  "`raw` maps in the input space, the handler the same float32 maps; speed-up = our req/s / theirs):",
-                  ""]
-        lines += _table(["methods", "reference handler", "clients", "ours req/s", "ours p50 ms", "theirs req/s",
-                         "theirs p50 ms", "speed-up", "errors"], erows)
+                  "`raw` maps in the input space, the handler the same float32 maps; speed-up = our req/s / theirs; "
+                  "CPU ms per request counts only the answers completed in the window):", ""]
+        lines += _table(["methods", "reference handler", "clients", "window s", "ours req/s", "ours p50 ms",
+                         "ours CPU ms/req", "theirs req/s", "theirs p50 ms", "theirs CPU ms/req", "speed-up",
+                         "errors"], erows)
+    return lines
+
+
+def _peer_predict_lines(peers: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    lit = peers.get("settings", {}).get("litserve", {})
+    table = []
+    for r in rows:
+        each = " / ".join(_f(v) for v in r["throughput_each"])
+        errors = str(r["errors"]) + (f" ({r['first_error'][:80]})" if r["first_error"] else "")
+        table.append([r["system"], str(r["concurrency"]), f"{_f(r['throughput_rps'])} ({each})", _f(r["p50_ms"]),
+                      _f(r["p95_ms"]), _f(r["ours_throughput_ratio"], 2), _f(r["ours_p50_ratio"], 2),
+                      _f(r["server_cpu_ms"]), _f(r["theirs_cpu_ratio"], 2), _f(r["server_cores"], 2),
+                      _other({"other_cores": r["other_cores"], "steal_cores": r["steal_cores"]}),
+                      errors.replace("|", "/")])
+    lines = ["", f"**Against the serving frameworks** (/predict, the same JSON request: "
+             f"{peers.get('settings', {}).get('request', '')}; the same model with random weights in each, the same "
+             f"load generator, {peers.get('settings', {}).get('rounds')} round(s) alternating the systems, each peer running only "
+             f"during its own points; LitServe: {lit.get('workers')} worker(s), max_batch_size "
+             f"{lit.get('max_batch_size')}, batch_timeout {lit.get('batch_timeout_ms')} ms, "
+             f"{lit.get('threads') or 'default'} torch thread(s) each. Ratios are ours / theirs at the same client "
+             f"count: throughput above 1 and p50 below 1 favour us; theirs/ours CPU is their server CPU per request over ours "
+             f"(above 1: we spend less; steadier than req/s where the machine's speed drifts). Server CPU includes a "
+             f"peer's worker processes):",
+             ""]
+    lines += _table(["system", "clients", "req/s mean (each round)", "p50 ms", "p95 ms", "ours/theirs req/s",
+                     "ours/theirs p50", "server CPU ms/req", "theirs/ours CPU", "server cores", "other programs",
+                     "errors"], table)
     return lines
 
 

@@ -99,7 +99,7 @@ def measure_http(
             result["predict"].append(outcome)
         result["analysis"] = analyse_cpu(result)
 
-    if "peers" not in options.skip:
+    if not {"peers", "explain_peers"} <= options.skip:
         measure_peers(server, model, served, image, workdir, options, result, _progress)
 
     if "baseline" not in options.skip:
@@ -230,7 +230,7 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="saliency-bench-") as tmp:
         workdir = Path(tmp)
-        if not {"predict", "peers", "explain_http"} <= options.skip:
+        if not {"predict", "peers", "explain_peers", "explain_http"} <= options.skip:
             config_path = write_config(workdir / "server.yaml", server_keys,
                                        models + [without_batching(m) for m in models])
             _progress(f"starting the server ({len(models) * 2} models: batching on and off)")

@@ -8,7 +8,6 @@ import base64
 import contextlib
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -95,7 +94,7 @@ def measure_peers(server: ServerProcess, model: dict[str, Any], served: ServedMo
         (LITSERVE, peer(litserve_command(model, served, settings), "litserve.log"), "/predict"),
         (PLAIN, start_plain, "/predict"),
     ]
-    for round_index in range(options.peer_rounds):
+    for round_index in range(options.peer_rounds if "peers" not in options.skip else 0):
         for system, start, path in systems:
             points = [load_point(system, path, c, predict_file, "application/json", options)
                       for c in options.concurrency]
@@ -128,12 +127,15 @@ def measure_peers(server: ServerProcess, model: dict[str, Any], served: ServedMo
             ours_file = _json_file(workdir / f"peer_explain_{len(methods)}.json",
                                    {"image": encoded, "top_k": 5, "methods": methods, "output": raw})
             peer_file = _json_file(workdir / "peer_explain_reference.json", {"image": encoded, "top_k": 5})
+            # integrated gradients runs the model 33 times per image (seconds per request on a CPU): a window
+            # three times as long, so that several answers complete in it at every client count
+            window = options.duration_s * (3 if name == "integrated_gradients" else 1)
             for concurrency in options.explain_http_concurrency:
-                ours = run_load(server, [load_point(OURS, f"/v1/models/{model['id']}/explain", concurrency,
-                                                    ours_file, "application/json", options)], workdir,
-                                load_timeout([{"warmup_s": options.warmup_s, "duration_s": options.duration_s}]))[0]
-                theirs = run_load(plain, [load_point(reference, peer_path, concurrency, peer_file,
-                                                     "application/json", options)], workdir,
-                                  load_timeout([{"warmup_s": options.warmup_s, "duration_s": options.duration_s}]))[0]
+                ours_point = load_point(OURS, f"/v1/models/{model['id']}/explain", concurrency, ours_file,
+                                        "application/json", options)
+                their_point = load_point(reference, peer_path, concurrency, peer_file, "application/json", options)
+                ours_point["duration_s"] = their_point["duration_s"] = window
+                ours = run_load(server, [ours_point], workdir, load_timeout([ours_point]))[0]
+                theirs = run_load(plain, [their_point], workdir, load_timeout([their_point]))[0]
                 peers["explain"].append({"request": name, "reference": reference, "concurrency": concurrency,
                                          "ours": ours, "theirs": theirs})
