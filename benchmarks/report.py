@@ -32,6 +32,14 @@ def _predict_point(result: dict[str, Any], mode: str, concurrency: int) -> dict[
     return None
 
 
+def median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def peer_summary(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The peer comparison's /predict rows, one per system and client count, averaged over the rounds: mean req/s
     and mean p50/p95 with each round's values kept, plus the ratios of the server's figures to this system's."""
@@ -64,7 +72,20 @@ def peer_summary(result: dict[str, Any]) -> list[dict[str, Any]]:
             "first_error": next((p["first_error"] for p in every if p["first_error"]), None),
         })
     ours = {r["concurrency"]: r for r in rows if r["system"] == rows[0]["system"]} if rows else {}
+    by_round = {(p["system"], p["concurrency"], p.get("round")): p for p in points if p["requests_ok"] > 0}
     for row in rows:
+        # The same ratios round by round (each round measures every system within minutes), and their median: a
+        # drift of the machine's speed between rounds cancels out of each ratio
+        mine_rounds = [(p, by_round.get((row["system"], row["concurrency"], p.get("round"))))
+                       for p in points if p["system"] == rows[0]["system"] and p["concurrency"] == row["concurrency"]
+                       and p["requests_ok"] > 0]
+        pairs = [(a, b) for a, b in mine_rounds if b is not None]
+        row["paired_throughput_ratios"] = [a["throughput_rps"] / b["throughput_rps"] for a, b in pairs
+                                           if b["throughput_rps"]]
+        row["paired_p50_ratios"] = [a["latency_ms"]["p50"] / b["latency_ms"]["p50"] for a, b in pairs
+                                    if b["latency_ms"]["p50"]]
+        row["paired_throughput_ratio"] = median(row["paired_throughput_ratios"])
+        row["paired_p50_ratio"] = median(row["paired_p50_ratios"])
         mine = ours.get(row["concurrency"])
         row["ours_throughput_ratio"] = (mine["throughput_rps"] / row["throughput_rps"]
                                         if mine and mine["throughput_rps"] and row["throughput_rps"] else None)
@@ -76,6 +97,10 @@ def peer_summary(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _ratios(values: list[float]) -> str:
+    return " / ".join(f"{v:.2f}" for v in values)
+
+
 def _peer_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     from benchmarks.peers.measure import LITSERVE, PLAIN
 
@@ -85,18 +110,21 @@ def _peer_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     targets = []
     levels = sorted({r["concurrency"] for r in rows})
     plain = next((r for r in rows if r["system"] == PLAIN and r["concurrency"] == 1), None)
-    if plain is not None and plain["ours_p50_ratio"] is not None:
+    if plain is not None and plain["paired_p50_ratio"] is not None:
         targets.append(_target(
-            "p50 at 1 client / the plain FastAPI handler's", plain["ours_p50_ratio"], PEER_LATENCY_ONE_CLIENT, False,
+            "p50 at 1 client / the plain FastAPI handler's", plain["paired_p50_ratio"], PEER_LATENCY_ONE_CLIENT, False,
+            f"median of the rounds' ratios ({_ratios(plain['paired_p50_ratios'])}); means over the rounds "
             f"{plain['p50_ms'] * plain['ours_p50_ratio']:.1f} vs {plain['p50_ms']:.1f} ms",
         ))
     clients = 32 if 32 in levels else levels[-1]
     lit = next((r for r in rows if r["system"] == LITSERVE and r["concurrency"] == clients), None)
-    if lit is not None and lit["ours_throughput_ratio"] is not None:
+    if lit is not None and lit["paired_throughput_ratio"] is not None:
         targets.append(_target(
-            f"throughput at {clients} clients / tuned LitServe's", lit["ours_throughput_ratio"],
+            f"throughput at {clients} clients / tuned LitServe's", lit["paired_throughput_ratio"],
             PEER_THROUGHPUT_LOADED, True,
-            f"{lit['throughput_rps'] * lit['ours_throughput_ratio']:.1f} vs {lit['throughput_rps']:.1f} req/s",
+            f"median of the rounds' ratios ({_ratios(lit['paired_throughput_ratios'])}); means over the rounds "
+            f"{lit['throughput_rps'] * lit['ours_throughput_ratio']:.1f} vs {lit['throughput_rps']:.1f} req/s; "
+            f"CPU per request theirs/ours {_f(lit['theirs_cpu_ratio'], 2)}",
         ))
     return targets
 
@@ -378,7 +406,7 @@ def _peer_predict_lines(peers: dict[str, Any], rows: list[dict[str, Any]]) -> li
         each = " / ".join(_f(v) for v in r["throughput_each"])
         errors = str(r["errors"]) + (f" ({r['first_error'][:80]})" if r["first_error"] else "")
         table.append([r["system"], str(r["concurrency"]), f"{_f(r['throughput_rps'])} ({each})", _f(r["p50_ms"]),
-                      _f(r["p95_ms"]), _f(r["ours_throughput_ratio"], 2), _f(r["ours_p50_ratio"], 2),
+                      _f(r["p95_ms"]), _f(r["paired_throughput_ratio"], 2), _f(r["paired_p50_ratio"], 2),
                       _f(r["server_cpu_ms"]), _f(r["theirs_cpu_ratio"], 2), _f(r["server_cores"], 2),
                       _other({"other_cores": r["other_cores"], "steal_cores": r["steal_cores"]}),
                       errors.replace("|", "/")])
@@ -388,7 +416,7 @@ def _peer_predict_lines(peers: dict[str, Any], rows: list[dict[str, Any]]) -> li
              f"during its own points; LitServe: {lit.get('workers')} worker(s), max_batch_size "
              f"{lit.get('max_batch_size')}, batch_timeout {lit.get('batch_timeout_ms')} ms, "
              f"{lit.get('threads') or 'default'} torch thread(s) each. Ratios are ours / theirs at the same client "
-             f"count: throughput above 1 and p50 below 1 favour us; theirs/ours CPU is their server CPU per request over ours "
+             f"count, the median of the rounds' ratios: throughput above 1 and p50 below 1 favour us; theirs/ours CPU is their server CPU per request over ours "
              f"(above 1: we spend less; steadier than req/s where the machine's speed drifts). Server CPU includes a "
              f"peer's worker processes):",
              ""]

@@ -95,7 +95,8 @@ def measure_peers(server: ServerProcess, model: dict[str, Any], served: ServedMo
         (PLAIN, start_plain, "/predict"),
     ]
     for round_index in range(options.peer_rounds if "peers" not in options.skip else 0):
-        for system, start, path in systems:
+        # every other round in reverse order, so a drift of the machine's speed favours no system
+        for system, start, path in (systems if round_index % 2 == 0 else systems[::-1]):
             points = [load_point(system, path, c, predict_file, "application/json", options)
                       for c in options.concurrency]
             progress(f"{model['id']}: peers round {round_index + 1}/{options.peer_rounds}: {system} at "
