@@ -305,6 +305,15 @@ def test_other_transforms_are_not_taken_and_give_exactly_the_old_output(
         torch.testing.assert_close(served.preprocess(image), served.transform(image), rtol=0, atol=0)
 
 
+def test_exact_preprocessing_runs_timms_pillow_transform_exactly() -> None:
+    config = tiny_cnn_config("exact", data_config=DATA_CONFIGS["deit_tiny_patch16_224"], exact_preprocessing=True)
+    served = load_served_model(config, settings_for(config))
+    assert served.fast_transform is None
+    for seed, (width, height) in enumerate(SHAPES):
+        image = natural_image(width, height, seed)
+        torch.testing.assert_close(served.preprocess(image), served.transform(image), rtol=0, atol=0)
+
+
 def natural_image(width: int, height: int, seed: int) -> Image.Image:
     """A photo (astronaut or chelsea) cropped, or resized with Pillow where it is smaller, to width x height."""
     import skimage.data

@@ -76,4 +76,7 @@ def test_the_readme_client_example_runs(server: ServerProcess) -> None:
     code = CLIENT_EXAMPLES[0].replace(README_URL, server.base_url)
     completed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, (completed.stderr[-2000:], server.log_tail())
-    assert completed.stdout.startswith("tiger cat (300, 451) (451, 300)"), completed.stdout
+    # On this photo "Egyptian cat" and "tiger cat" are a near tie (0.3705 against 0.3704 with the server's uint8
+    # resize, 0.3698 against 0.3708 with Pillow's: `exact_preprocessing`): either may come first on another CPU
+    label, _, shapes = completed.stdout.rpartition(" (300, 451) ")
+    assert label in ("Egyptian cat", "tiger cat") and shapes.strip() == "(451, 300)", completed.stdout

@@ -127,7 +127,7 @@ class ServedModel:
         self.network.to(device=self.device, dtype=self.dtype)
         self.copies = [self.network]
         self.transform = create_transform(**self.data_config, is_training=False)
-        self.fast_transform = _TensorTransform.matching(self.transform)
+        self.fast_transform = None if self.config.exact_preprocessing else _TensorTransform.matching(self.transform)
         self.family = model_family(self.network)
         self.anatomy = analyse_model(self.network, self.family, self.input_size)
 
