@@ -410,16 +410,16 @@ def _peer_predict_lines(peers: dict[str, Any], rows: list[dict[str, Any]]) -> li
                       _f(r["server_cpu_ms"]), _f(r["theirs_cpu_ratio"], 2), _f(r["server_cores"], 2),
                       _other({"other_cores": r["other_cores"], "steal_cores": r["steal_cores"]}),
                       errors.replace("|", "/")])
-    lines = ["", f"**Against the serving frameworks** (/predict, the same JSON request: "
-             f"{peers.get('settings', {}).get('request', '')}; the same model with random weights in each, the same "
-             f"load generator, {peers.get('settings', {}).get('rounds')} round(s) alternating the systems, each peer running only "
-             f"during its own points; LitServe: {lit.get('workers')} worker(s), max_batch_size "
-             f"{lit.get('max_batch_size')}, batch_timeout {lit.get('batch_timeout_ms')} ms, "
-             f"{lit.get('threads') or 'default'} torch thread(s) each. Ratios are ours / theirs at the same client "
-             f"count, the median of the rounds' ratios: throughput above 1 and p50 below 1 favour us; theirs/ours CPU is their server CPU per request over ours "
-             f"(above 1: we spend less; steadier than req/s where the machine's speed drifts). Server CPU includes a "
-             f"peer's worker processes):",
-             ""]
+    settings = peers.get("settings", {})
+    lines = ["", f"**Against the serving frameworks** (/predict, the same JSON request: {settings.get('request', '')}; "
+             f"the same model with random weights in each, the same load generator, {settings.get('rounds')} "
+             f"round(s) alternating the systems, each peer running only during its own points; LitServe: "
+             f"{lit.get('workers')} worker(s), max_batch_size {lit.get('max_batch_size')}, batch_timeout "
+             f"{lit.get('batch_timeout_ms')} ms, {lit.get('threads') or 'default'} torch thread(s) each. Ratios are "
+             f"ours / theirs at the same client count, the median of the rounds' ratios: throughput above 1 and p50 "
+             f"below 1 favour us; theirs/ours CPU is their server CPU per request over ours (above 1: we spend "
+             f"less; steadier than req/s where the machine's speed drifts). Server CPU includes a peer's worker "
+             f"processes):", ""]
     lines += _table(["system", "clients", "req/s mean (each round)", "p50 ms", "p95 ms", "ours/theirs req/s",
                      "ours/theirs p50", "server CPU ms/req", "theirs/ours CPU", "server cores", "other programs",
                      "errors"], table)

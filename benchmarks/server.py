@@ -143,7 +143,8 @@ class ServerProcess:
             self.process.wait()
 
 
-def run_load(server: ServerProcess, points: list[dict[str, Any]], workdir: Path, timeout_s: float) -> list[dict[str, Any]]:
+def run_load(server: ServerProcess, points: list[dict[str, Any]], workdir: Path,
+             timeout_s: float) -> list[dict[str, Any]]:
     """Run load points in a separate load-generator process (so its CPU use is measured apart)."""
     spec_path, result_path = workdir / "load_spec.json", workdir / "load_result.json"
     spec_path.write_text(json.dumps({"base_url": server.base_url, "server_pid": server.pid, "points": points,
@@ -156,7 +157,8 @@ def run_load(server: ServerProcess, points: list[dict[str, Any]], workdir: Path,
     return json.loads(result_path.read_text(encoding="utf-8"))
 
 
-def load_point(name: str, path: str, concurrency: int, body_file: Path, content_type: str, options: Any) -> dict[str, Any]:
+def load_point(name: str, path: str, concurrency: int, body_file: Path, content_type: str,
+               options: Any) -> dict[str, Any]:
     return {"name": name, "path": path, "concurrency": concurrency, "body_file": str(body_file),
             "content_type": content_type, "warmup_s": options.warmup_s, "duration_s": options.duration_s,
             "max_requests": options.requests}

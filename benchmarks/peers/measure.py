@@ -38,7 +38,8 @@ def litserve_settings(served: ServedModel, lanes: int) -> dict[str, Any]:
             "batch_timeout_ms": served.config.max_wait_ms, "threads": threads}
 
 
-def litserve_command(model: dict[str, Any], served: ServedModel, settings: dict[str, Any]) -> Callable[[int], list[str]]:
+def litserve_command(model: dict[str, Any], served: ServedModel,
+                     settings: dict[str, Any]) -> Callable[[int], list[str]]:
     def command(port: int) -> list[str]:
         words = [sys.executable, "-m", "benchmarks.peers.litserve_peer", *_model_arguments(model, served),
                  "--port", str(port), "--workers", str(settings["workers"]),
@@ -82,8 +83,10 @@ def measure_peers(server: ServerProcess, model: dict[str, Any], served: ServedMo
     lanes = result["lanes"]
     settings = litserve_settings(served, lanes)
     peers = result["peers"] = {"predict": [], "explain": []}
-    peers["settings"] = {"rounds": options.peer_rounds, "litserve": settings, "plain": {"threads": "torch's default", "route": "def"},
+    peers["settings"] = {"rounds": options.peer_rounds, "litserve": settings,
+                         "plain": {"threads": "torch's default", "route": "def"},
                          "request": f"JSON, the photo as base64 ({len(predict_file.read_bytes())} bytes), top_k 5"}
+
     def peer(command: Callable[[int], list[str]], log_name: str) -> Callable[[], ServerProcess]:
         return lambda: ServerProcess(None, workdir, command=command, ready_path="/health", log_name=log_name,
                                      ready_timeout_s=300)
