@@ -14,18 +14,6 @@ from dataclasses import dataclass
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def process_cpu_s(pid: int | None = None) -> float | None:
-    """User + system CPU seconds of a process (all its threads), or None when unavailable."""
-    path = f"/proc/{pid if pid is not None else 'self'}/stat"
-    try:
-        with open(path, encoding="ascii") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    # fields[0] is the state (field 3 of stat); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
 def _stat(path: str) -> tuple[int, float] | None:
     """(parent pid, user + system CPU seconds) from a /proc/<pid>/stat file."""
     try:

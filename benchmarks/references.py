@@ -143,6 +143,18 @@ def _guard(name: str, reference: str, served: ServedModel, run: Callable[[], dic
 # --- Grad-CAM ----------------------------------------------------------------------------------------------------
 
 
+def vit_reshape_transform(prefix: int, grid: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """pytorch-grad-cam's `reshape_transform` for a ViT: tokens (B, N, C) -> the patch grid (B, C, rows, cols),
+    prefix tokens (class, registers) dropped."""
+    rows, cols = grid
+
+    def reshape(tensor: torch.Tensor) -> torch.Tensor:
+        patches = tensor[:, prefix:, :].reshape(tensor.size(0), rows, cols, tensor.size(2))
+        return patches.permute(0, 3, 1, 2)
+
+    return reshape
+
+
 def pytorch_grad_cam_maps(served: ServedModel, cam_class: type, pixels: torch.Tensor, targets: list[int],
                           layer_name: str) -> np.ndarray:
     """pytorch-grad-cam's maps (B, H, W) at the input size from `cam_class` (GradCAM, GradCAMPlusPlus, LayerCAM...)
@@ -155,11 +167,7 @@ def pytorch_grad_cam_maps(served: ServedModel, cam_class: type, pixels: torch.Te
     layer = model.get_submodule(layer_name)
     reshape = None
     if served.family == "vit":
-        prefix, (rows, cols) = served.anatomy.num_prefix_tokens, served.anatomy.grid_size
-
-        def reshape(tensor: torch.Tensor) -> torch.Tensor:
-            patches = tensor[:, prefix:, :].reshape(tensor.size(0), rows, cols, tensor.size(2))
-            return patches.permute(0, 3, 1, 2)
+        reshape = vit_reshape_transform(served.anatomy.num_prefix_tokens, served.anatomy.grid_size)
 
     model.requires_grad_(True)  # pytorch-grad-cam back-propagates through the parameters' graph
     try:

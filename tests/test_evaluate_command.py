@@ -49,13 +49,7 @@ from tests.helpers import tiny_cnn_config, tiny_vit_config
 SECTIONS = ("faithfulness", "sanity")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """Tiny models: one torch thread is faster, and on a busy machine far faster (no spinning between threads)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

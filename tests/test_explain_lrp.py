@@ -36,13 +36,7 @@ COMPOSITES = ["epsilon_plus_flat", "zplus", "epsilon_alpha2_beta1", "epsilon_gam
 LRP = all_methods()["lrp"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is faster, and on a busy machine far faster (no spinning between threads)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @functools.cache

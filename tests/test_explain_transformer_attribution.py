@@ -21,13 +21,7 @@ from tests.explain_helpers import VIT_VARIANTS, explain_direct, random_pixels, s
 TARGETS = [3, 7, 1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is faster, and on a busy machine far faster (no spinning between threads)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def method_maps(served, pixels, targets, chunk_size=None, **params):

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from benchmarks.images import BenchImage
 from benchmarks.server import ServerProcess, load_point, load_timeout, run_load
+from service.explain.registry import all_methods
 from service.runtime.batching import lane_batch_cap
 from service.runtime.devices import COMPUTE_THREADS
 from service.model.served import ServedModel
@@ -75,8 +76,6 @@ def _json_file(path: Path, body: dict[str, Any]) -> Path:
 def measure_peers(server: ServerProcess, model: dict[str, Any], served: ServedModel, image: BenchImage,
                   workdir: Path, options: Any, result: dict[str, Any], progress: Callable[[str], None]) -> None:
     """Fill result["peers"]: "predict" (rows of system, round, concurrency, outcome), "explain", "settings"."""
-    from service.explain.registry import all_methods
-
     encoded = base64.b64encode(image.data).decode("ascii")
     predict_file = _json_file(workdir / "peer_predict.json", {"image": encoded, "top_k": 5})
     ig = all_methods()["integrated_gradients"].params_model().model_dump()

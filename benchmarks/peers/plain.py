@@ -29,7 +29,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from benchmarks.peers._common import add_model_arguments, decode, load_model, raw_map, top_k
-from benchmarks.references import PerImageGAE
+from benchmarks.references import PerImageGAE, vit_reshape_transform
 
 class Body(BaseModel):
     image: str
@@ -96,14 +96,7 @@ def create_app(args: argparse.Namespace) -> FastAPI:
 
 
 def _gradcam(model: torch.nn.Module, x: torch.Tensor, target: int, args: argparse.Namespace) -> Any:
-    reshape = None
-    if args.family == "vit":
-        rows, cols = args.grid
-
-        def reshape(tensor: torch.Tensor) -> torch.Tensor:
-            patches = tensor[:, args.prefix:, :].reshape(tensor.size(0), rows, cols, tensor.size(2))
-            return patches.permute(0, 3, 1, 2)
-
+    reshape = vit_reshape_transform(args.prefix, tuple(args.grid)) if args.family == "vit" else None
     with GradCAM(model=model, target_layers=[model.get_submodule(args.feature_layer)],
                  reshape_transform=reshape) as cam:
         cam.compute_input_gradient = True  # the graph comes from the input: the parameters stay frozen
