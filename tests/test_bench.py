@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +187,9 @@ def test_smoke_compares_with_the_serving_frameworks(smoke_report) -> None:
         for side in ("ours", "theirs"):
             assert row[side]["requests_ok"] > 0 and not row[side]["errors"], (row["request"], side, row[side])
     assert "Against the serving frameworks" in markdown and "per-request reference handler" in markdown
+    # the peers' process groups were stopped whole: no LitServe worker or plain handler outlives the run
+    leftover = subprocess.run(["pgrep", "-f", "benchmarks.peers.(litserve_peer|plain)"], capture_output=True, text=True)
+    assert leftover.stdout.strip() == "", leftover.stdout
     names = {t["target"] for t in model["targets"]}
     assert {"p50 at 1 client / the plain FastAPI handler's", "throughput at 32 clients / tuned LitServe's"} <= names
 
@@ -251,6 +256,24 @@ def test_smoke_markdown_and_targets(smoke_report) -> None:
 
 
 # --- helpers --------------------------------------------------------------------------------------------------------
+
+
+def test_cpu_accounting_counts_a_process_and_its_children() -> None:
+    """A server whose work runs in child processes (LitServe's workers) is charged for their CPU too."""
+    from benchmarks.cpu import tree_cpu_s
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 0.5\n"
+                              "while time.process_time() < end: pass\nprint('done', flush=True)\ntime.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "done"
+        own = tree_cpu_s(child.pid)
+        tree = tree_cpu_s(None)
+        assert own is not None and own >= 0.4
+        assert tree is not None and tree - time.process_time() >= 0.4  # beyond this process's own CPU: the child's
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_percentile_interpolates() -> None:
