@@ -290,7 +290,7 @@ def _is_plain_rgb8_png(data: bytes) -> bool:
 
 def _decode_plain_png(data: bytes, image: Image.Image) -> Image.Image | None:
     """The pixels of a plain 8-bit RGB PNG (`_is_plain_rgb8_png`) decoded by libspng, identical to Pillow's but in
-    about half the CPU time (the decode is most of an upload's cost outside the model), carrying the opened file's
+    about two thirds of the CPU time (the decode is most of an upload's cost outside the model), carrying the opened file's
     metadata (`info`: EXIF, XMP) for the orientation; None where it does not apply or libspng fails, for Pillow to
     decode (and name what is wrong)."""
     if spng_decode is None or image.format != "PNG" or image.mode != "RGB" or not _is_plain_rgb8_png(data):
